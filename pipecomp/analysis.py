@@ -1,0 +1,148 @@
+"""Analyses: shapes, FLOPs, module paths and residual blocks, cached in `node.meta["pipecomp"]`.
+
+Every analysis writes into one dict per node, `node.meta["pipecomp"]`, with keys:
+
+- ``kind``: ``"tensor"`` (the node's value is a tensor), ``"tuple"`` (a structure holding
+  tensors) or ``"value"`` (no tensor: sizes, ints; semantics §3 never delays these);
+- ``shape``, ``dtype``, ``batch_dim``: of a tensor value at the example's batch size;
+  ``batch_dim`` is the axis that scales with the batch (None if none does);
+- ``bytes``: size of a tensor value at the example's batch size;
+- ``flops``: FLOPs of one call at the example's batch size (`torch.utils.flop_counter`);
+- ``module``: qualified name of the innermost module the node belongs to ('' for the root).
+"""
+from __future__ import annotations
+
+import operator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from .errors import CompileError
+
+KEY = "pipecomp"
+COMPUTE_OPS = ("call_module", "call_function", "call_method")
+
+
+def info(node: fx.Node) -> dict:
+    return node.meta.setdefault(KEY, {})
+
+
+class _Annotate(ShapeProp):
+    def run_node(self, n):
+        try:
+            with FlopCounterMode(display=False) as counter:
+                result = super().run_node(n)
+        except Exception as e:
+            cls = type(self.module.get_submodule(n.target)).__name__ if n.op == "call_module" else n.op
+            raise CompileError(
+                f"node '{n.name}' ({cls}) failed on the example input: {e}. "
+                f"Check example_input= (a tensor or a shape [B, C, H, W])"
+            ) from e
+        meta = info(n)
+        meta["flops"] = counter.get_total_flops()
+        if isinstance(result, torch.Tensor):
+            meta.update(kind="tensor", shape=tuple(result.shape), dtype=result.dtype,
+                        bytes=result.numel() * result.element_size())
+        elif any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(result)):
+            meta["kind"] = "tuple"
+        else:
+            meta["kind"] = "value"
+        return result
+
+
+class _BatchShapes(fx.Interpreter):
+    """Runs the graph on fake tensors at another batch size to see which axis is the batch."""
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        meta = info(n)
+        if meta.get("kind") == "tensor" and isinstance(result, torch.Tensor):
+            moved = [i for i, (a, b) in enumerate(zip(meta["shape"], result.shape)) if a != b]
+            meta["batch_dim"] = moved[0] if len(moved) == 1 else None
+        return result
+
+
+def module_path(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return node.target
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def annotate(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Shapes, kinds, bytes, FLOPs and module paths of every node, at `example`'s batch."""
+    with torch.no_grad():
+        _Annotate(gm).propagate(example)
+        other = example.shape[0] + 1
+        fake = FakeTensorMode(allow_non_fake_inputs=True)
+        with fake:
+            bigger = torch.empty((other, *example.shape[1:]), dtype=example.dtype)
+        _BatchShapes(gm).run(bigger)
+    for n in gm.graph.nodes:
+        meta = info(n)
+        meta["module"] = module_path(n)
+        meta.setdefault("flops", 0)
+
+
+def is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.modules.conv._ConvNd)
+    return node.op == "call_function" and node.target in (
+        torch.conv1d, torch.conv2d, torch.conv3d, torch.nn.functional.conv2d)
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _ADDS) or (
+        node.op == "call_method" and node.target in ("add", "add_"))
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_node(n)
+        for u in n.all_input_nodes:
+            g.add_edge(u, n)
+    return g
+
+
+def residual_blocks(gm: fx.GraphModule, graph: fx.Graph):
+    """Residual blocks as (add node, block input, first convolution of the residual branch).
+
+    The block input is the add's immediate dominator; of the two branches from it to the
+    add, the identity path is the one with fewer convolutions (none, or a downsample) and
+    the residual branch is the other (TSM: *residual shift*, sec. 3.3).
+    """
+    g = to_networkx(graph)
+    root = next(n for n in graph.nodes if n.op == "placeholder")
+    idom = nx.immediate_dominators(g, root)
+    blocks = []
+    for add in graph.nodes:
+        if not _is_add(add) or info(add).get("kind") != "tensor":
+            continue
+        operands = [a for a in add.args[:2] if isinstance(a, fx.Node) and info(a).get("kind") == "tensor"]
+        if len(operands) != 2:
+            continue
+        start = idom[add]
+        below = nx.descendants(g, start)
+        branches = [(nx.ancestors(g, a) | {a}) & below for a in operands]
+        convs = [[n for n in b if is_conv(gm, n)] for b in branches]
+        identity, residual = sorted(range(2), key=lambda i: len(convs[i]))
+        if len(convs[identity]) > 1 or len(convs[residual]) <= len(convs[identity]):
+            continue
+        branch = branches[residual] - branches[identity]
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        first = min((c for c in convs[residual] if c in branch), key=order.__getitem__, default=None)
+        if first is not None:
+            blocks.append((add, start, first))
+    return blocks

@@ -1,0 +1,115 @@
+"""`pipecomp.compile`: trace → analyses → passes → plan → lowering."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+from . import passes
+from .analysis import COMPUTE_OPS, annotate, info
+from .errors import CompileError
+from .passes.delays import MODES
+from .plan import Plan
+from .trace import trace
+from .videonet import VideoNet
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _check_options(parallel, delays, clocks, max_period, shift, shift_fraction, shift_place, cuts):
+    if cuts is None and (isinstance(parallel, bool) or not isinstance(parallel, numbers.Integral) or parallel < 1):
+        raise ValueError(f"parallel={parallel!r} must be an integer >= 1 (the number of pipeline stages)")
+    _choice("delays", delays, MODES)
+    if not (clocks is None or clocks == "halve" or isinstance(clocks, dict) or callable(clocks)):
+        raise ValueError(f"clocks={clocks!r} must be None, 'halve', a mapping from node or module name "
+                         f"patterns to periods, or a callable (node) -> period")
+    if max_period is not None and (not isinstance(max_period, int) or max_period < 1):
+        raise ValueError(f"max_period={max_period!r} must be None or an integer >= 1")
+    _choice("shift", shift, (None, "online", "offline"))
+    if not isinstance(shift_fraction, numbers.Real) or not 0 < shift_fraction <= 0.5:
+        raise ValueError(f"shift_fraction={shift_fraction!r} must be in (0, 1/2]")
+    _choice("shift_place", shift_place, ("residual", "inplace"))
+    if cuts is not None and (isinstance(cuts, str) or not all(isinstance(c, str) for c in cuts)):
+        raise ValueError(f"cuts={cuts!r} must be a list of fx node names or module qualified names")
+
+
+def _example(example_input):
+    if isinstance(example_input, torch.Tensor):
+        example = example_input.detach()
+    elif isinstance(example_input, (tuple, list, torch.Size)) and all(isinstance(d, int) and d > 0 for d in example_input):
+        example = torch.randn(tuple(example_input))
+    else:
+        raise ValueError(f"example_input={example_input!r} must be a tensor or a shape such as (1, 3, 224, 224)")
+    if example.dim() != 4:
+        raise ValueError(f"example_input has shape {list(example.shape)}; a frame is [B, C, H, W]")
+    return example
+
+
+def _costs(plan: Plan, batch: int) -> Plan:
+    flops, clocked, params = [0.0] * plan.parallel, [0.0] * plan.parallel, [0] * plan.parallel
+    seen = set()
+    for n in plan.graph.nodes:
+        if n.op not in COMPUTE_OPS + ("get_attr",):
+            continue
+        s = plan.stage_of[n.name]
+        if n.op in COMPUTE_OPS:
+            f = info(n)["flops"] / batch
+            flops[s] += f
+            clocked[s] += f / plan.period_of[n.name]
+        tensors = []
+        if n.op == "call_module":
+            tensors = list(plan.module.get_submodule(n.target).parameters())
+        elif n.op == "get_attr":
+            obj = plan.module.get_parameter(n.target) if isinstance(
+                getattr(plan.module, n.target, None), nn.Parameter) else None
+            tensors = [obj] if obj is not None else []
+        for t in tensors:
+            if id(t) not in seen:
+                seen.add(id(t))
+                params[s] += t.numel()
+    return plan.replace(stage_flops=tuple(flops), stage_flops_clocked=tuple(clocked), stage_params=tuple(params))
+
+
+def _check_batch_axes(plan: Plan):
+    for n in plan.graph.nodes:
+        meta = info(n)
+        if meta.get("kind") == "tensor" and n.op in COMPUTE_OPS and meta.get("batch_dim") != 0:
+            raise CompileError(
+                f"node '{n.name}' ({meta.get('module') or n.target}) makes a tensor whose first axis is not "
+                f"the batch (shape {list(meta['shape'])}); pipecomp keeps one value per frame and needs the "
+                f"batch first; pass its module in leaf_modules so it stays inside one node")
+
+
+def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", clocks=None,
+            max_period: int | None = None, shift: str | None = None, shift_fraction: float = 1 / 8,
+            shift_place: str = "residual", cuts=None, example_input=(1, 3, 224, 224),
+            leaf_modules=()) -> VideoNet:
+    """Compile an image model into a pipelined, causal video network.
+
+    `parallel` stages (or explicit `cuts`), `delays` ("diagonal": depth-parallel with
+    temporal skips, *Massively Parallel Video Networks* fig. 1; "aligned": classic
+    pipelining), `clocks` (multi-rate, sec. 3.1; "halve" doubles the period every time the
+    resolution halves), `shift` (TSM, online or offline). The contract is semantics.md.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compile() takes an nn.Module, got {type(model).__name__}")
+    _check_options(parallel, delays, clocks, max_period, shift, shift_fraction, shift_place, cuts)
+    example = _example(example_input)
+    gm = trace(model, leaf_modules)
+    annotate(gm, example)
+    plan = Plan(graph=gm.graph, module=gm, example_shape=tuple(example.shape), example_dtype=example.dtype)
+    _check_batch_axes(plan)
+    plan = passes.insert_shifts(plan, shift, shift_fraction, shift_place)
+    plan = passes.assign_clocks(plan, clocks, max_period)
+    plan = passes.partition(plan, parallel, cuts)
+    plan = passes.assign_delays(plan, delays)
+    plan = passes.allocate_state(plan)
+    plan = _costs(plan, example.shape[0])
+    return VideoNet(model, plan)
+
+
+__all__ = ["compile"]

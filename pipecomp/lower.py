@@ -1,0 +1,260 @@
+"""Lowering: the plan becomes code.
+
+`lower_steps` generates, for every stage and every distinct set of firing nodes of its
+clock phases, a pure tick function ``(frame, state) -> (output, new_state)`` as fx code
+(semantics §3). A stage reads only the frame, its own current values and the state of the
+previous tick, so stages of one tick are independent and may run in any order or at once.
+
+`run_clip` computes a whole clip node by node (semantics §4): every node computes its time
+series in one call on a ``[B·T]`` batch, or on the frames of its firing ticks only.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import operator
+
+import torch
+import torch.fx as fx
+
+from .analysis import COMPUTE_OPS, info
+from .ops import shift_online
+from .passes.shift import is_shift
+from .plan import Plan
+
+
+def _is_inplace(root, v: fx.Node) -> bool:
+    if v.op == "call_module":
+        return bool(getattr(root.get_submodule(v.target), "inplace", False))
+    if v.op == "call_method":
+        return v.target.endswith("_") and not v.target.endswith("__")
+    if v.op == "call_function":
+        name = getattr(v.target, "__name__", "")
+        return bool(v.kwargs.get("inplace")) or v.target in (operator.iadd, operator.imul, operator.isub) or (
+            name.endswith("_") and not name.endswith("__"))
+    return False
+
+
+def firing(plan: Plan, nodes, tick: int) -> frozenset:
+    return frozenset(n.name for n in nodes if tick % plan.period_of[n.name] == plan.phase_of[n.name])
+
+
+def stage_graph(plan: Plan, root, stage: int, fires: frozenset) -> fx.Graph:
+    """The tick function of `stage` when exactly the nodes in `fires` fire."""
+    g = fx.Graph()
+    frame, state = g.placeholder("frame"), g.placeholder("state")
+    local, reads, attrs, shapes = {}, {}, {}, {}
+    out_node = next(n for n in plan.graph.nodes if n.op == "output")
+
+    def read(key):
+        if key not in reads:
+            reads[key] = g.call_function(operator.getitem, (state, key))
+            reads[key].name = key
+        return reads[key]
+
+    def current(u):
+        return frame if u.op == "placeholder" else local[u]
+
+    def attr(u):
+        if u not in attrs:
+            attrs[u] = g.node_copy(u)
+        return attrs[u]
+
+    def shape_value(u):
+        # Shape values are recomputed where needed from any tensor of the right shape.
+        if u not in shapes:
+            def src(w):
+                if w.op == "get_attr":
+                    return attr(w)
+                if info(w).get("kind") == "value" and w.op in COMPUTE_OPS:
+                    return shape_value(w)
+                if w.op == "placeholder" or plan.stage_of[w.name] == stage:
+                    return current(w)
+                return read(f"{w.name}_d1")
+            shapes[u] = g.node_copy(u, src)
+        return shapes[u]
+
+    def arg(u, v):
+        if u.op == "get_attr":
+            return attr(u)
+        if info(u).get("kind") == "value" and u.op in COMPUTE_OPS:
+            return shape_value(u)
+        d = plan.delay_of[(u.name, v.name)]
+        return current(u) if d == 0 else read(f"{u.name}_d{d}")
+
+    new_state = {}
+    mine = [n for n in plan.nodes_of_stage(stage) if n.op in COMPUTE_OPS]
+    for v in mine:
+        kind = info(v).get("kind")
+        if kind == "value":
+            continue
+        memory = f"{v.name}_mem" if is_shift(v) and plan.shift == "online" else None
+        if v.name not in fires:
+            if kind == "tensor" and v.name in plan.registers:
+                local[v] = read(f"{v.name}_d1")
+            if memory:
+                new_state[memory] = read(memory)
+            continue
+        if is_shift(v):
+            both = g.call_function(shift_online, (arg(v.args[0], v), read(memory), info(v)["fold"]))
+            local[v] = g.call_function(operator.getitem, (both, 0))
+            local[v].name = v.name
+            new_state[memory] = g.call_function(operator.getitem, (both, 1))
+            new_state[memory].name = memory
+            continue
+        inplace = _is_inplace(root, v)
+
+        def mapped(u, v=v, inplace=inplace):
+            a = arg(u, v)
+            if inplace and a in reads.values() and u is v.args[0]:
+                a = g.call_method("clone", (a,))
+            return a
+        local[v] = g.node_copy(v, mapped)
+    for name, depth in plan.registers.items():
+        u = plan.node(name)
+        if plan.stage_of[name] != stage:
+            continue
+        new_state[f"{name}_d1"] = current(u)
+        for i in range(2, depth + 1):
+            new_state[f"{name}_d{i}"] = read(f"{name}_d{i - 1}")
+    output = None
+    if stage == plan.parallel - 1:
+        output = fx.map_arg(out_node.args[0], lambda u: arg(u, out_node))
+    g.output((output, new_state))
+    return g
+
+
+class StageStep:
+    """The tick functions of one stage: one generated GraphModule per distinct firing set."""
+
+    def __init__(self, plan: Plan, root, stage: int):
+        nodes = [n for n in plan.nodes_of_stage(stage) if n.op in COMPUTE_OPS]
+        self.stage = stage
+        self.hyperperiod = math.lcm(1, *(plan.period_of[n.name] for n in nodes))
+        keys = [firing(plan, nodes, t) for t in range(self.hyperperiod)]
+        distinct = list(dict.fromkeys(keys))
+        self.variant_of_tick = [distinct.index(k) for k in keys]
+        self.variants = []
+        for k in distinct:
+            gm = fx.GraphModule(root, stage_graph(plan, root, stage, k), f"Stage{stage}Tick")
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+            self.variants.append(gm)
+
+    def __call__(self, tick: int, frame, state):
+        return self.variants[self.variant_of_tick[tick % self.hyperperiod]](frame, state)
+
+    def code(self) -> str:
+        parts = []
+        for i, gm in enumerate(self.variants):
+            ticks = [t for t, v in enumerate(self.variant_of_tick) if v == i]
+            when = "every tick" if len(ticks) == self.hyperperiod else f"ticks t with t % {self.hyperperiod} in {ticks}"
+            parts.append(f"# stage {self.stage}, {when}\n{gm.code.strip()}\n")
+        return "\n".join(parts)
+
+
+def lower_steps(plan: Plan, root) -> list:
+    return [StageStep(plan, root, s) for s in range(plan.parallel)]
+
+
+def zero_state(plan: Plan, batch: int, device) -> dict:
+    """The state after `reset()` for frames of batch size `batch` (semantics §3)."""
+    state = {}
+    for name, depth in plan.registers.items():
+        meta = info(plan.node(name))
+        shape = list(meta["shape"])
+        shape[meta["batch_dim"]] = batch
+        for i in range(1, depth + 1):
+            state[f"{name}_d{i}"] = torch.zeros(shape, dtype=meta["dtype"], device=device)
+    if plan.shift == "online":
+        for name in plan.shift_nodes:
+            meta = info(plan.node(name))
+            shape = [batch, meta["fold"], *meta["shape"][2:]]
+            state[f"{name}_mem"] = torch.zeros(shape, dtype=meta["dtype"], device=device)
+    return state
+
+
+def _fetch(root, target: str):
+    return functools.reduce(getattr, target.split("."), root)
+
+
+def _call(root, v: fx.Node, args, kwargs):
+    if v.op == "call_module":
+        return root.get_submodule(v.target)(*args, **kwargs)
+    if v.op == "call_function":
+        return v.target(*args, **kwargs)
+    return getattr(args[0], v.target)(*args[1:], **kwargs)
+
+
+def _shift_clip(x, fold: int, direction: str):
+    """TSM's shift on a series [B, n, C, ...] of one node's firings."""
+    zero = x.new_zeros((x.shape[0], 1, fold, *x.shape[3:]))
+    back = torch.cat([zero, x[:, :-1, :fold]], 1)
+    if direction == "online":
+        return torch.cat([back, x[:, :, fold:]], 2)
+    ahead = torch.cat([x[:, 1:, :fold], zero], 1)
+    back = torch.cat([zero, x[:, :-1, fold:2 * fold]], 1)
+    return torch.cat([ahead, back, x[:, :, 2 * fold:]], 2)
+
+
+def run_clip(plan: Plan, root, clip: torch.Tensor):
+    """Outputs of ticks 0..T-1 after a reset, computed node by node on whole time series."""
+    B, T = clip.shape[:2]
+    env = {}
+
+    def ticks(clock):
+        return range(clock[1], T, clock[0])
+
+    def retime(u, d, clock):
+        val, have = env[u]
+        if d == 0 and have == clock:
+            return val
+        rest = val.shape[1:]
+        if have == (1, 0) and clock == (1, 0):
+            series = val.view(B, T, *rest)
+            if d >= T:
+                return val.new_zeros(val.shape)
+            return torch.cat([series.new_zeros((B, d, *rest)), series[:, :T - d]], 1).flatten(0, 1)
+        p, ph = have
+        idx = [((s - d - ph) // p if s - d >= ph else -1) + 1 for s in ticks(clock)]
+        series = val.view(B, -1, *rest)
+        padded = torch.cat([series.new_zeros((B, 1, *rest)), series], 1)
+        picked = padded.index_select(1, torch.tensor(idx, dtype=torch.long, device=val.device))
+        return picked.flatten(0, 1)
+
+    for v in plan.graph.nodes:
+        if v.op == "placeholder":
+            env[v] = (clip.flatten(0, 1), (1, 0))
+        elif v.op == "get_attr":
+            env[v] = (_fetch(root, v.target), None)
+        elif v.op in COMPUTE_OPS:
+            clock = (plan.period_of[v.name], plan.phase_of[v.name])
+            kind = info(v).get("kind")
+
+            def value(u, v=v, clock=clock):
+                if u.op == "get_attr" or info(u).get("kind") != "tensor" or env[u][1] is None:
+                    return env[u][0]
+                return retime(u, plan.delay_of[(u.name, v.name)], clock)
+            if kind == "value":
+                args, kwargs = fx.map_arg((v.args, v.kwargs), lambda u: env[u][0])
+                env[v] = (_call(root, v, args, kwargs), None)
+                continue
+            args, kwargs = fx.map_arg((v.args, v.kwargs), value)
+            n = len(ticks(clock))
+            if n == 0:
+                shape = list(info(v)["shape"])
+                shape[0] = 0
+                env[v] = (torch.zeros(shape, dtype=info(v)["dtype"], device=clip.device), clock)
+            elif is_shift(v):
+                x = args[0]
+                y = _shift_clip(x.view(B, n, *x.shape[1:]), info(v)["fold"], info(v)["direction"])
+                env[v] = (y.flatten(0, 1), clock)
+            else:
+                env[v] = (_call(root, v, args, kwargs), clock)
+        elif v.op == "output":
+            def leaf(u, v=v):
+                if u.op == "get_attr" or info(u).get("kind") != "tensor":
+                    return env[u][0]
+                y = retime(u, plan.delay_of[(u.name, v.name)], (1, 0))
+                return y.view(B, T, *y.shape[1:])
+            return fx.map_arg(v.args[0], leaf)

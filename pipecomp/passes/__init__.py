@@ -1,0 +1,8 @@
+"""Compilation passes, one idea each; each takes a plan and returns a new one (style §2)."""
+from .clocks import assign_clocks
+from .delays import assign_delays
+from .partition import partition
+from .shift import insert_shifts
+from .state import allocate_state
+
+__all__ = ["insert_shifts", "assign_clocks", "partition", "assign_delays", "allocate_state"]

@@ -1,0 +1,106 @@
+"""The plan: everything compilation decided, and the only thing backends read (style §1)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The inspectable result of compilation (semantics §2).
+
+    Node names are those of `torch.fx.symbolic_trace(model)`; inserted shift nodes are
+    named after the convolution they feed (``<conv>_shift``).
+    """
+
+    graph: fx.Graph
+    module: fx.GraphModule
+    parallel: int = 1
+    delays: str = "diagonal"
+    shift: str | None = None
+    stage_of: dict = field(default_factory=dict)
+    delay_of: dict = field(default_factory=dict)
+    period_of: dict = field(default_factory=dict)
+    phase_of: dict = field(default_factory=dict)
+    shift_nodes: tuple = ()
+    #: register depth of every tensor node that has one: name -> D (registers name_d1..name_dD)
+    registers: dict = field(default_factory=dict)
+    #: per stage: FLOPs per frame without clocks, with clocks (averaged), parameters, state bytes
+    stage_flops: tuple = ()
+    stage_flops_clocked: tuple = ()
+    stage_params: tuple = ()
+    stage_state_bytes: tuple = ()
+    latency: int = 0
+    example_shape: tuple = ()
+    example_dtype: object = None
+
+    def replace(self, **changes) -> "Plan":
+        return dataclasses.replace(self, **changes)
+
+    def node(self, name: str) -> fx.Node:
+        return self._nodes()[name]
+
+    def _nodes(self):
+        return {n.name: n for n in self.graph.nodes}
+
+    def nodes_of_stage(self, stage: int):
+        return [n for n in self.graph.nodes if self.stage_of.get(n.name) == stage and n.op != "get_attr"]
+
+    @property
+    def clock_speedup(self) -> float:
+        """Total FLOPs per frame without clocks over the average with them (semantics §5)."""
+        clocked = sum(self.stage_flops_clocked)
+        return sum(self.stage_flops) / clocked if clocked else 1.0
+
+    @property
+    def balance(self) -> float:
+        """Max stage cost over mean stage cost (per-frame FLOPs with clocks); 1.0 is perfectly even."""
+        costs = self.stage_flops_clocked
+        mean = sum(costs) / len(costs) if costs else 0
+        return max(costs) / mean if mean else 1.0
+
+    @property
+    def hyperperiod(self) -> int:
+        return math.lcm(*self.period_of.values()) if self.period_of else 1
+
+    def report(self) -> str:
+        rows = []
+        for s in range(self.parallel):
+            nodes = [n for n in self.nodes_of_stage(s) if n.op not in ("placeholder", "output")]
+            periods = sorted({self.period_of[n.name] for n in nodes})
+            rows.append((
+                str(s), nodes[0].name if nodes else "-", nodes[-1].name if nodes else "-",
+                _si(self.stage_flops[s]), _si(self.stage_flops_clocked[s]),
+                _si(self.stage_params[s]), ",".join(map(str, periods)), _bytes(self.stage_state_bytes[s]),
+            ))
+        rows.append(("total", "", "", _si(sum(self.stage_flops)), _si(sum(self.stage_flops_clocked)),
+                     _si(sum(self.stage_params)), "", _bytes(sum(self.stage_state_bytes))))
+        head = ("stage", "first node", "last node", "FLOPs/frame", "with clocks", "params", "periods", "state")
+        widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
+        line = lambda r: "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        out = [line(head), "-" * len(line(head))] + [line(r) for r in rows[:-1]]
+        out += ["-" * len(line(head)), line(rows[-1])]
+        shifts = f", shift={self.shift} ({len(self.shift_nodes)} nodes)" if self.shift else ""
+        out += [
+            f"parallel={self.parallel}, delays={self.delays}{shifts}, input {list(self.example_shape)}",
+            f"latency: {self.latency} frames; stage balance (max/mean cost): {self.balance:.2f}; "
+            f"clock speed-up: {self.clock_speedup:.2f}x (hyperperiod {self.hyperperiod})",
+        ]
+        return "\n".join(out)
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return f"{x:.0f}"
+
+
+def _bytes(x: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} B"
