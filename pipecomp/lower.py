@@ -49,7 +49,7 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset) -> fx.Graph:
     def read(key):
         if key not in reads:
             reads[key] = g.call_function(operator.getitem, (state, key))
-            reads[key].name = key
+            reads[key]._rename(key)
         return reads[key]
 
     def current(u):
@@ -98,9 +98,9 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset) -> fx.Graph:
         if is_shift(v):
             both = g.call_function(shift_online, (arg(v.args[0], v), read(memory), info(v)["fold"]))
             local[v] = g.call_function(operator.getitem, (both, 0))
-            local[v].name = v.name
+            local[v]._rename(v.name)
             new_state[memory] = g.call_function(operator.getitem, (both, 1))
-            new_state[memory].name = memory
+            new_state[memory]._rename(f"new_{memory}")
             continue
         inplace = _is_inplace(root, v)
 

@@ -103,6 +103,16 @@ class VideoNet(nn.Module):
         """The generated tick functions, one per stage and clock phase, as Python."""
         return "\n".join(s.code() for s in self._stages)
 
+    def timeline(self, ticks: int = 12):
+        """The time-space table of fig. 1 of *Massively Parallel Video Networks* (see `pipecomp.timeline`)."""
+        from .timeline import timeline
+        return timeline(self.plan, ticks)
+
+    def to_dot(self, **options):
+        """The compiled graph as a `graphviz.Digraph` (see `pipecomp.visualize`)."""
+        from .viz import to_dot
+        return to_dot(self, **options)
+
     def report(self) -> str:
         """One row per stage: nodes, FLOPs with and without clocks, params, periods, state."""
         return self.plan.report()
