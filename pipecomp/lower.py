@@ -154,6 +154,8 @@ class StageStep:
 
 
 def lower_steps(plan: Plan, root) -> list:
+    if plan.shift == "offline":
+        return []  # offline shift reads future frames: clips only (semantics §6)
     return [StageStep(plan, root, s) for s in range(plan.parallel)]
 
 

@@ -4,31 +4,52 @@ from __future__ import annotations
 import math
 
 import torch.fx as fx
+from torch import nn
 
-from ..analysis import COMPUTE_OPS, info, is_conv, residual_blocks
+from ..analysis import info, is_conv, residual_blocks
 from ..errors import CompileError
 from ..ops import temporal_shift
 from ..plan import Plan
 
 
-def _block_inputs(plan: Plan, blocks):
-    """Values that enter a block: residual block inputs, the frame, and values crossing into a module."""
-    inputs = {start for _, start, _ in blocks}
-    for c in plan.graph.nodes:
-        if not is_conv(plan.module, c):
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _block_of(node: fx.Node) -> str:
+    """The block a node belongs to: its outermost enclosing module that is not a container
+    but sits in one (a BasicBlock, an InvertedResidual, a DenseLayer, a VGG convolution)."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    for (_, parent), (path, cls) in zip(stack, stack[1:]):
+        if issubclass(parent, _CONTAINERS) and not issubclass(cls, _CONTAINERS):
+            return path
+    return info(node)["module"]
+
+
+def _reads_block_input(gm, conv: fx.Node) -> bool:
+    """Does `conv` read a value from outside its block through no other convolution?"""
+    block = _block_of(conv)
+    inside = lambda n: n.op != "placeholder" and (info(n)["module"] + ".").startswith(block + ".")  # noqa: E731
+    todo, seen = [conv.args[0]], set()
+    while todo:
+        n = todo.pop()
+        if n in seen or n.op == "get_attr":
             continue
-        a = c.args[0]
-        parent = info(c)["module"].rpartition(".")[0]
-        if a.op == "placeholder" or (parent and not info(a).get("module", "").startswith(parent + ".")):
-            inputs.add(a)
-    return inputs
+        seen.add(n)
+        if not inside(n):
+            return True
+        if not is_conv(gm, n):
+            todo.extend(n.all_input_nodes)
+    return False
 
 
 def insert_shifts(plan: Plan, mode: str | None, fraction: float, place: str) -> Plan:
     """Insert `mode` shift nodes shifting `fraction` of the channels, at `place`.
 
     `"residual"`: before the first convolution of every residual branch (TSM sec. 3.3,
-    residual shift); `"inplace"`: before every convolution whose input is a block input.
+    residual shift); `"inplace"`: before every convolution whose input is a block input,
+    that is, a value from outside the convolution's block reached through no other
+    convolution (so ResNet's conv1 and downsample, every DenseLayer's conv1 after its
+    concatenation, every VGG convolution).
     """
     if mode is None:
         return plan
@@ -42,8 +63,7 @@ def insert_shifts(plan: Plan, mode: str | None, fraction: float, place: str) -> 
             )
         targets = {conv for _, _, conv in blocks}
     else:
-        entering = _block_inputs(plan, blocks)
-        targets = {c for c in plan.graph.nodes if is_conv(plan.module, c) and c.args[0] in entering}
+        targets = {c for c in plan.graph.nodes if is_conv(plan.module, c) and _reads_block_input(plan.module, c)}
 
     graph = fx.Graph()
     env, names = {}, []
@@ -69,4 +89,3 @@ def is_shift(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is temporal_shift
 
 
-__all__ = ["insert_shifts", "is_shift", "COMPUTE_OPS"]
