@@ -18,7 +18,6 @@ import networkx as nx
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
@@ -57,7 +56,9 @@ class _Annotate(ShapeProp):
 
 
 class _BatchShapes(fx.Interpreter):
-    """Runs the graph on fake tensors at another batch size to see which axis is the batch."""
+    """Runs the graph at another batch size to see which axis is the batch.
+
+    Real tensors, not fake ones: leaf modules may hold data-dependent code."""
 
     def run_node(self, n):
         result = super().run_node(n)
@@ -81,11 +82,7 @@ def annotate(gm: fx.GraphModule, example: torch.Tensor) -> None:
     """Shapes, kinds, bytes, FLOPs and module paths of every node, at `example`'s batch."""
     with torch.no_grad():
         _Annotate(gm).propagate(example)
-        other = example.shape[0] + 1
-        fake = FakeTensorMode(allow_non_fake_inputs=True)
-        with fake:
-            bigger = torch.empty((other, *example.shape[1:]), dtype=example.dtype)
-        _BatchShapes(gm).run(bigger)
+        _BatchShapes(gm).run(torch.cat([example, example[:1]]))
     for n in gm.graph.nodes:
         meta = info(n)
         meta["module"] = module_path(n)
