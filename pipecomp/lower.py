@@ -16,6 +16,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_map_only
 
 from .analysis import COMPUTE_OPS, info
 from .ops import shift_online
@@ -255,6 +256,8 @@ def run_clip(plan: Plan, root, clip: torch.Tensor):
                 env[v] = (_call(root, v, args, kwargs), clock)
         elif v.op == "output":
             def leaf(u, v=v):
+                if info(u).get("kind") == "tuple":  # ticks every frame (clocks pass)
+                    return tree_map_only(torch.Tensor, lambda y: y.view(B, T, *y.shape[1:]), env[u][0])
                 if u.op == "get_attr" or info(u).get("kind") != "tensor":
                     return env[u][0]
                 y = retime(u, plan.delay_of[(u.name, v.name)], (1, 0))

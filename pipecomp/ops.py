@@ -17,5 +17,7 @@ def temporal_shift(x: torch.Tensor, fold: int, direction: str) -> torch.Tensor:
 
 
 def shift_online(x: torch.Tensor, memory: torch.Tensor, fold: int):
-    """One firing of an online shift: the first `fold` channels come from the previous firing."""
-    return torch.cat([memory, x[:, fold:]], dim=1), x[:, :fold]
+    """One firing of an online shift: the first `fold` channels come from the previous firing.
+
+    The new memory is a copy, not a view, so that it does not keep all of `x` alive."""
+    return torch.cat([memory, x[:, fold:]], dim=1), x[:, :fold].clone()

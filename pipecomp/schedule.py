@@ -46,10 +46,12 @@ class Placement:
 
     @property
     def average_tick(self) -> float:
+        """Average over the hyperperiod of the most loaded worker's cost: one over the frame rate."""
         return statistics.fmean(self.tick_costs())
 
     @property
     def worst_tick(self) -> float:
+        """The slowest tick of the hyperperiod: the longest wait for one output."""
         return max(self.tick_costs())
 
     @property
@@ -132,12 +134,12 @@ def _profile(net, devices, threads) -> list:
         with torch.no_grad():
             return [[_time(gm, frame, state) for gm in stage.variants] for stage in net._stages]
 
-    seconds = in_thread(measure, threads)
+    seconds = _in_thread(measure, threads)
     return [[seconds[s][stage.variant_of_tick[t % stage.hyperperiod]] for t in range(plan.hyperperiod)]
             for s, stage in enumerate(net._stages)]
 
 
-def in_thread(fn, threads: int):
+def _in_thread(fn, threads: int):
     """`fn()` on a new thread with `threads` intra-op threads, as a runtime worker runs it.
 
     torch's intra-op thread count is per thread (an OpenMP setting of the calling thread),

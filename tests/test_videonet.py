@@ -173,3 +173,26 @@ def test_control_flow_names_the_module_and_the_fix():
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(net.step(x), net.gate(net.conv(x)))
+
+
+class Halves(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.chunk(self.conv(x), 2, 1)
+
+
+def test_tuple_outputs_keep_their_structure_and_tick_every_frame():
+    from . import reference
+    net = pipecomp.compile(Halves(), clocks={"*": 2}, example_input=(1, 3, 8, 8))
+    frames = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    with torch.no_grad():
+        want = reference.run(net, frames)
+        steps = [net.step(x) for x in frames]
+        clip = net(torch.stack(frames, 1))
+    for t in range(3):
+        assert isinstance(steps[t], tuple) and len(steps[t]) == 2
+        for i in range(2):
+            assert torch.equal(steps[t][i], want[t][i]) and torch.equal(clip[i][:, t], steps[t][i])

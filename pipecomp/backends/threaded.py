@@ -5,7 +5,8 @@ In a depth-parallel network every stage reads only the frame and the previous ti
 a tick takes as long as its slowest worker: max_j T(H_j) instead of the sum (Skip-Sideways
 supplementary sec. 5). The registers are double-buffered: a tick reads the state dict of
 the previous tick while each stage writes its new values into a dict of its own, and the
-one barrier of the tick merges them into the state the next tick reads.
+one barrier of the tick merges them into the state the next tick reads. `run` needs that one
+barrier per tick; `step`, which waits for its own tick, needs one to start it and one to end it.
 
 Intra-op threads: `torch.set_num_threads` sets the OpenMP thread count of the calling thread
 only (each thread that runs a parallel op leads an OpenMP team of its own), but it also sets

@@ -66,8 +66,11 @@ def assign_clocks(plan: Plan, clocks, max_period: int | None) -> Plan:
         clock = {k: (p, ph) if p <= max_period else (max_period, ph % max_period) for k, (p, ph) in clock.items()}
     # A structure of tensors (the tuple from torch.chunk, say) is never state, so the nodes
     # unpacking it must tick exactly when it does.
+    # The output reads every tick, so a structure it reads directly ticks every frame.
     for n in nodes:
         if info(n).get("kind") == "tuple":
+            if any(user.op == "output" for user in n.users):
+                clock[n.name] = (1, 0)
             for user in n.users:
                 if user.op in COMPUTE_OPS:
                     clock[user.name] = clock[n.name]
