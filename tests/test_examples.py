@@ -1,0 +1,23 @@
+"""The examples run as documented (small sizes)."""
+import pathlib
+import subprocess
+import sys
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _run(name, *args):
+    return subprocess.run([sys.executable, str(EXAMPLES / name), *args], capture_output=True, text=True,
+                          timeout=300, check=True).stdout
+
+
+def test_stream_example_shows_aligned_equals_image_model():
+    out = _run("stream.py", "--size", "64", "--frames", "6")
+    errors = [float(line.rsplit("max error ", 1)[1].rstrip(")")) for line in out.splitlines() if "max error" in line]
+    assert len(errors) == 3 and max(errors) < 1e-4
+
+
+def test_distill_example_lowers_the_loss():
+    out = _run("distill.py", "--size", "32", "--steps", "12", "--frames", "6")
+    losses = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "loss" in line]
+    assert losses[-1] < losses[0]
