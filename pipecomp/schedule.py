@@ -126,6 +126,8 @@ def _flop_costs(plan) -> list:
 def _profile(net, devices, threads) -> list:
     if any(d != "cpu" for d in devices):
         raise NotImplementedError(f"profiling on {devices} is not supported yet: only CPU workers are")
+    if net.plan.shift == "offline":
+        raise RuntimeError("offline shift runs on clips only: there are no tick functions to profile")
     plan = net.plan
     frame = torch.randn(plan.example_shape, dtype=plan.example_dtype)
     state = zero_state(plan, frame.shape[0], frame.device)

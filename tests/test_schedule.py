@@ -115,3 +115,7 @@ def test_profile_measures_seconds_on_a_worker_like_thread():
     assert all(0 < c < 1 for row in p.costs for c in row)
     with pytest.raises(NotImplementedError, match="CPU"):
         schedule(net, ["cuda:0"], profile=True)
+    offline = pipecomp.compile(RandomNet(TINY).eval(), parallel=3, shift="offline", example_input=(1, 3, 16, 16))
+    assert len(schedule(offline, 2).groups) == 2
+    with pytest.raises(RuntimeError, match="clips only"):
+        schedule(offline, 2, profile=True)

@@ -117,6 +117,9 @@ class Runtime:
     """
 
     def __init__(self, net: VideoNet, workers):
+        if net.plan.shift == "offline":
+            raise RuntimeError("offline (bi-directional) shift needs future frames and only works on clips; "
+                               "compile with shift='online' to stream frames")
         placement = workers if isinstance(workers, Placement) else schedule(net, workers)
         if [s for g in placement.groups for s in g] != list(range(net.plan.parallel)):
             raise ValueError(f"placement groups {placement.groups} do not list the net's stages "
@@ -125,9 +128,6 @@ class Runtime:
             raise NotImplementedError(
                 f"the threaded runtime runs on CPU workers only for now, not {placement.devices}: the stages "
                 f"share their modules with the net, so putting weights on several devices needs per-device copies")
-        if net.plan.shift == "offline":
-            raise RuntimeError("offline (bi-directional) shift needs future frames and only works on clips; "
-                               "compile with shift='online' to stream frames")
         self.net, self.placement = net, placement
         self._stream = _Stream(net)
         self._job = self._next = None  # the tick the workers run; the one to start at the next barrier
@@ -274,8 +274,8 @@ def _compute(worker: int, stages, job: _Tick):
     results = []
     with torch.set_grad_enabled(job.grad):
         for stage in stages:
-            # The generated forward itself, not the GraphModule's __call__: fx's wrapper prints to
-            # stderr and drops the traceback frame that tells which node failed.
+            # The generated forward itself, not the GraphModule's __call__: when an op fails right on
+            # a generated line, fx's wrapper prints to stderr and cuts the frame that names the node.
             gm = stage.variants[stage.variant_of_tick[job.tick % stage.hyperperiod]]
             try:
                 results.append(gm.forward(job.frame, job.state))

@@ -3,11 +3,12 @@ import threading
 
 import pytest
 import torch
+import torch.fx as fx
 import torchvision.models as tvm
 
 import pipecomp
 from pipecomp import schedule as schedule_module
-from pipecomp.backends.threaded import Runtime, StageError
+from pipecomp.backends.threaded import Runtime, StageError, _stage_error
 from pipecomp.schedule import Placement, schedule
 from tests.models import RandomNet
 
@@ -164,6 +165,20 @@ def test_a_worker_exception_names_stage_and_node_and_changes_no_state(monkeypatc
         monkeypatch.undo()
         got += within(lambda: [rt.step(x) for x in xs[2:]])
     assert_same(got, want)
+
+
+def test_a_failing_function_node_is_named_too(capsys):
+    # An op failing right on a generated line (not inside a module) is the case where calling the
+    # GraphModule would print fx's own report to stderr and cut the traceback that names the node.
+    def stage(frame, state):
+        y = frame + state["x"]
+        return None, {"y": y.relu()}
+    gm = fx.symbolic_trace(stage)
+    with pytest.raises(RuntimeError) as info:
+        gm.forward(torch.zeros(2), {"x": torch.zeros(3)})
+    error = _stage_error(info.value, gm, 1, 0, 5)
+    assert error.node == "add" and "stage 1 (worker 0) failed at node 'add' (add) on tick 5" in str(error)
+    assert capsys.readouterr().err == ""
 
 
 def test_a_failed_first_tick_leaves_the_stream_as_after_reset(monkeypatch):

@@ -1,0 +1,226 @@
+"""Multi-process pipelines: one process per placement slot, registers sent through torch.distributed.
+
+Each process (rank) runs a contiguous group of stages (*Massively Parallel Video
+Networks* sec. 3: one parallel subnetwork per device). Within a tick a rank reads only the
+frame and the previous tick's state (semantics §3), so ranks compute at once and then
+exchange, point to point, just the registers that cross from one rank's stages to
+another's — once per tick, with their delays already in the register chain. Rank 0 feeds
+the frames and collects the outputs. Outputs equal `VideoNet.step` (semantics §7).
+
+Two ways to start it:
+
+- `launch(net, frames, nprocs=N)`: forks N processes on loopback (gloo) and returns the
+  outputs, for one machine and for tests;
+- `torchrun --nproc-per-node N -m pipecomp.backends.distributed MODEL [options]`: every
+  rank compiles the same model (same seed or `--weights`), rank 0 streams a clip and
+  prints frames per second. Across machines, torchrun's `--nnodes`/`--rdzv-endpoint`.
+
+gloo serves CPUs, NCCL GPUs. Every exchange has a timeout, so a rank that dies makes the
+others fail with an error naming the peer rather than hang.
+"""
+from __future__ import annotations
+
+import datetime
+import operator
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+import torch.multiprocessing as mp
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from ..analysis import info
+from ..lower import zero_state
+
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def _reads_and_writes(stage):
+    """State keys a stage reads and writes, and whether it reads the frame, over all its variants."""
+    reads, writes, frame = set(), set(), False
+    for gm in stage.variants:
+        placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+        frame = frame or bool(placeholders["frame"].users)
+        for n in placeholders["state"].users:
+            if n.op == "call_function" and n.target is operator.getitem:
+                reads.add(n.args[1])
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        writes |= set(out.args[0][1])
+    return reads, writes, frame
+
+
+class Wiring:
+    """Who sends which registers to whom each tick, from the generated stage functions."""
+
+    def __init__(self, net, groups):
+        self.groups = groups
+        io = [_reads_and_writes(s) for s in net._stages]
+        self.owner = {key: r for r, g in enumerate(groups) for s in g for key in io[s][1]}
+        self.reads = [set().union(*(io[s][0] for s in g)) for g in groups]
+        self.needs_frame = [r == 0 or any(io[s][2] for s in g) for r, g in enumerate(groups)]
+        #: (sender, receiver) -> sorted keys crossing between their stage groups
+        self.links = {}
+        for r, keys in enumerate(self.reads):
+            for key in sorted(keys):
+                src = self.owner[key]
+                if src != r:
+                    self.links.setdefault((src, r), []).append(key)
+
+    def table(self) -> str:
+        lines = [f"rank {r}: stages {g}" for r, g in enumerate(self.groups)]
+        lines += [f"rank {a} -> rank {b}: {', '.join(keys)}" for (a, b), keys in sorted(self.links.items())]
+        return "\n".join(lines)
+
+
+def _output_leaves(net, batch):
+    """Shapes and dtypes of the output's tensor leaves, and its structure, from the plan."""
+    out = next(n for n in net.plan.graph.nodes if n.op == "output")
+    leaves, spec = tree_flatten(fx.map_arg(out.args[0], lambda n: n))
+    shapes = []
+    for n in leaves:
+        meta = info(n) if isinstance(n, fx.Node) else {}
+        if meta.get("kind") != "tensor":
+            raise NotImplementedError(f"the distributed backend sends tensor outputs only; output "
+                                      f"'{getattr(n, 'name', n)}' is not a tensor")
+        shape = list(meta["shape"])
+        shape[meta["batch_dim"]] = batch
+        shapes.append((shape, meta["dtype"]))
+    return shapes, spec
+
+
+def _wait_all(works):
+    for w in works:
+        w.wait(TIMEOUT)
+
+
+class _Rank:
+    """One process's part of the pipeline: its stages, its state, its links."""
+
+    def __init__(self, net, wiring, rank, batch, device, frame_shape):
+        self.net, self.wiring, self.rank, self.device = net, wiring, rank, torch.device(device)
+        self.stages = [net._stages[s] for s in wiring.groups[rank]]
+        zeros = zero_state(net.plan, batch, self.device)
+        keep = wiring.reads[rank] | {k for k, r in wiring.owner.items() if r == rank}
+        self.state = {k: v for k, v in zeros.items() if k in keep}
+        self.frame = torch.zeros(frame_shape, dtype=net.plan.example_dtype, device=self.device)
+        self.last = len(wiring.groups) - 1
+        self.out_shapes, self.out_spec = _output_leaves(net, batch)
+        self.tick = 0
+
+    def step(self, frame=None):
+        """One tick of this rank; returns the output on rank 0, else None."""
+        w, r = self.wiring, self.rank
+        if r == 0:
+            self.frame = frame.to(self.device)
+            ops = [dist.P2POp(dist.isend, self.frame, peer) for peer in range(1, self.last + 1)
+                   if w.needs_frame[peer]]
+        else:
+            ops = [dist.P2POp(dist.irecv, self.frame, 0)] if w.needs_frame[r] else []
+        if ops:
+            _wait_all(dist.batch_isend_irecv(ops))
+        written, output = {}, None
+        for stage in self.stages:
+            out, new = stage(self.tick, self.frame, self.state)
+            written.update(new)
+            if stage.stage == self.net.plan.parallel - 1:
+                output = out
+        self.state.update(written)
+        ops, incoming = [], {}
+        for (src, dst), keys in sorted(w.links.items()):
+            for key in keys:
+                if src == r:
+                    ops.append(dist.P2POp(dist.isend, self.state[key].contiguous(), dst))
+                elif dst == r:
+                    incoming[key] = torch.empty_like(self.state[key])
+                    ops.append(dist.P2POp(dist.irecv, incoming[key], src))
+        if self.last != 0 and r in (0, self.last):
+            if r == self.last:
+                leaves = [t.contiguous() for t in tree_flatten(output)[0]]
+                ops += [dist.P2POp(dist.isend, t, 0) for t in leaves]
+            else:
+                leaves = [torch.empty(s, dtype=d, device=self.device) for s, d in self.out_shapes]
+                ops += [dist.P2POp(dist.irecv, t, self.last) for t in leaves]
+                output = tree_unflatten(leaves, self.out_spec)
+        if ops:
+            _wait_all(dist.batch_isend_irecv(ops))
+        self.state.update(incoming)
+        self.tick += 1
+        return output if r == 0 else None
+
+
+def _placement(net, nprocs, devices):
+    from ..schedule import schedule
+    return schedule(net, devices if devices is not None else nprocs)
+
+
+def _serve(rank, net, groups, devices, threads, frames, results, master_port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
+    backend = "nccl" if devices[rank].startswith("cuda") else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=len(groups), timeout=TIMEOUT)
+    try:
+        torch.set_num_threads(threads)
+        net.to(devices[rank]).eval()
+        wiring = Wiring(net, groups)
+        part = _Rank(net, wiring, rank, frames[0].shape[0], devices[rank], frames[0].shape)
+        outputs = []
+        with torch.no_grad():
+            for x in frames:
+                out = part.step(x if rank == 0 else None)
+                if rank == 0:
+                    outputs.append(out)
+        if rank == 0:
+            # a file, not a queue: torch's shared-memory handles would die with this process
+            torch.save([_to_cpu(o) for o in outputs], results)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _to_cpu(out):
+    leaves, spec = tree_flatten(out)
+    return tree_unflatten([t.cpu() for t in leaves], spec)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(net, frames, nprocs: int = 2, *, devices=None, timeout: float = 300.0) -> list:
+    """Run `frames` through `net` split over `nprocs` processes on this machine; the outputs.
+
+    Stages are grouped by `pipecomp.schedule`; each process gets `cores / nprocs` threads.
+    Raises the first worker's error, or `TimeoutError` after `timeout` seconds.
+    """
+    frames = list(frames)
+    if not frames:
+        return []
+    for x in frames:
+        net._check_frame(x)
+    placement = _placement(net, nprocs, devices)
+    groups, devs = placement.groups, list(placement.devices)
+    # forked children inherit the compiled network: nothing to pickle
+    results = os.path.join(tempfile.mkdtemp(prefix="pipecomp-"), "outputs.pt")
+    procs = mp.start_processes(_serve, args=(net, groups, devs, placement.threads_per_worker, frames, results,
+                                             _free_port()), nprocs=len(groups), join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    try:
+        while not procs.join(timeout=0.2):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {len(groups)} pipeline processes did not finish in {timeout:.0f} s")
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.terminate()
+    try:
+        return torch.load(results, weights_only=False)  # our own file, from our own process
+    finally:
+        shutil.rmtree(os.path.dirname(results))
+
+

@@ -1,0 +1,76 @@
+"""Multi-process pipelines on loopback (gloo) return exactly what `VideoNet.step` returns."""
+import multiprocessing
+import os
+import signal
+
+import pytest
+import torch
+import torchvision.models as tvm
+
+import pipecomp
+from pipecomp.backends import distributed
+
+SIZE = 32
+
+
+def _stream(net, frames):
+    net.reset()
+    with torch.no_grad():
+        return [net.step(x) for x in frames]
+
+
+@pytest.mark.parametrize("nprocs, options", [
+    (2, dict(parallel=3, clocks="halve")),
+    (3, dict(parallel=3, delays="aligned", shift="online")),
+    (2, dict(parallel=4, clocks="halve", shift="online")),
+])
+def test_processes_equal_step(nprocs, options):
+    torch.manual_seed(0)
+    net = pipecomp.compile(tvm.resnet18(num_classes=5).eval(), example_input=(1, 3, SIZE, SIZE), **options)
+    frames = [torch.randn(2, 3, SIZE, SIZE) for _ in range(6)]
+    got = distributed.launch(net, frames, nprocs=nprocs, timeout=120)
+    want = _stream(net, frames)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5)
+    assert not multiprocessing.active_children()
+
+
+def test_only_crossing_registers_are_sent():
+    net = pipecomp.compile(tvm.resnet18().eval(), parallel=4, example_input=(1, 3, SIZE, SIZE))
+    wiring = distributed.Wiring(net, [[0, 1], [2, 3]])
+    (keys,) = wiring.links.values()
+    assert list(wiring.links) == [(0, 1)]
+    for key in keys:
+        name = key.rsplit("_d", 1)[0]
+        assert net.plan.stage_of[name] == 1  # written by stage 1, read by stage 2 across the ranks
+
+
+def test_segmentation_dict_outputs():
+    import torchvision.models.segmentation as seg
+    model = seg.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None).eval()
+    net = pipecomp.compile(model, parallel=2, example_input=(1, 3, SIZE, SIZE))
+    frames = [torch.randn(1, 3, SIZE, SIZE) for _ in range(3)]
+    got = distributed.launch(net, frames, nprocs=2, timeout=120)
+    for g, w in zip(got, _stream(net, frames)):
+        assert torch.allclose(g["out"], w["out"], atol=1e-5)
+
+
+def _die(rank):
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_dying_process_fails_fast(monkeypatch):
+    net = pipecomp.compile(tvm.resnet18().eval(), parallel=2, example_input=(1, 3, SIZE, SIZE))
+    original = distributed._Rank.step
+
+    def step(self, frame=None):
+        if self.rank == 1 and self.tick == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, frame)
+    monkeypatch.setattr(distributed._Rank, "step", step)
+    frames = [torch.randn(1, 3, SIZE, SIZE) for _ in range(5)]
+    with pytest.raises(Exception, match="signal|SIGKILL|exited"):
+        distributed.launch(net, frames, nprocs=2, timeout=90)
+    assert not multiprocessing.active_children()
