@@ -157,21 +157,37 @@ def _placement(net, nprocs, devices):
     return schedule(net, devices if devices is not None else nprocs)
 
 
+def stream(net, frames=None, *, ticks: int | None = None, batch: int | None = None, groups=None,
+           device: str = "cpu"):
+    """This process's part of the pipeline, in an initialised process group (e.g. under torchrun).
+
+    Rank 0 passes the `frames` and gets the outputs back; the other ranks pass the number of
+    `ticks` and the frames' `batch` size (default: the example's), and get None. Every rank must place the stages alike: by default
+    `pipecomp.schedule(net, world_size)` on FLOPs, which is the same on every rank.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if groups is None:
+        groups = _placement(net, world, None).groups
+    if len(groups) != world:
+        raise ValueError(f"{len(groups)} stage groups for {world} processes; the network has "
+                         f"{net.plan.parallel} stages, so use at most that many processes")
+    frames = list(frames) if rank == 0 else [None] * ticks
+    batch = frames[0].shape[0] if rank == 0 else batch or net.plan.example_shape[0]
+    net.to(device).eval()
+    part = _Rank(net, Wiring(net, groups), rank, batch, device, (batch, *net.plan.example_shape[1:]))
+    with torch.no_grad():
+        outputs = [part.step(x) for x in frames]
+    return outputs if rank == 0 else None
+
+
 def _serve(rank, net, groups, devices, threads, frames, results, master_port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
     backend = "nccl" if devices[rank].startswith("cuda") else "gloo"
     dist.init_process_group(backend, rank=rank, world_size=len(groups), timeout=TIMEOUT)
     try:
         torch.set_num_threads(threads)
-        net.to(devices[rank]).eval()
-        wiring = Wiring(net, groups)
-        part = _Rank(net, wiring, rank, frames[0].shape[0], devices[rank], frames[0].shape)
-        outputs = []
-        with torch.no_grad():
-            for x in frames:
-                out = part.step(x if rank == 0 else None)
-                if rank == 0:
-                    outputs.append(out)
+        outputs = stream(net, frames if rank == 0 else None, ticks=len(frames), batch=frames[0].shape[0],
+                         groups=groups, device=devices[rank])
         if rank == 0:
             # a file, not a queue: torch's shared-memory handles would die with this process
             torch.save([_to_cpu(o) for o in outputs], results)
