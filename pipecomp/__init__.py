@@ -5,5 +5,13 @@ from .plan import Plan
 from .schedule import Placement, schedule
 from .videonet import VideoNet
 
-__all__ = ["compile", "CompileError", "Plan", "Placement", "VideoNet", "schedule"]
+__all__ = ["compile", "CompileError", "Plan", "Placement", "VideoNet", "schedule", "visualize"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Pictures need the optional graphviz package: import it only when asked for.
+    if name == "visualize":
+        from .viz import visualize
+        return visualize
+    raise AttributeError(f"module 'pipecomp' has no attribute {name!r}")

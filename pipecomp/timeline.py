@@ -82,8 +82,8 @@ def timeline(plan: Plan, ticks: int) -> Timeline:
             elif _fires(plan, v.name, t):
                 seen = []
                 for u in v.all_input_nodes:
-                    d = plan.delay_of.get((u.name, v.name), 0)
-                    if _carries_frame(u) and t - d >= 0:
+                    d = plan.delay_of[(u.name, v.name)] if _carries_frame(u) else None
+                    if d is not None and t - d >= 0:
                         seen.append(fresh[t - d][u.name] if d else now[u.name])
                 now[v.name] = max((f for f in seen if f is not None), default=None)
             else:

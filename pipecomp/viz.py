@@ -71,15 +71,20 @@ def _groups(plan, collapse):
 
 
 def auto_collapse(plan, max_boxes=MAX_BOXES):
-    """The most detailed collapse level that keeps at most `max_boxes` boxes (None: no collapse)."""
-    if len(_groups(plan, None)) <= max_boxes:
+    """The most detailed collapse level that keeps at most `max_boxes` boxes and twice as many
+    edges (None: no collapse needed); dense connections make edges the limit there."""
+    def fits(collapse):
+        groups = _groups(plan, collapse)
+        return len(groups) <= max_boxes and len(_edges(plan, groups)) <= 2 * max_boxes
+    if fits(None):
         return None
     depth = max(len(_path(n)) for n in plan.graph.nodes)
-    return next((c for c in range(depth - 1, 0, -1) if len(_groups(plan, c)) <= max_boxes), 0)
+    return next((c for c in range(depth - 1, 0, -1) if fits(c)), 0)
 
 
 def _box_id(key):
-    return key if isinstance(key, str) else f"group{key[0]}_{key[1].replace('.', '_')}"
+    # Not a Python identifier, so never the name of an fx node.
+    return key if isinstance(key, str) else f"stage{key[0]}/{key[1]}"
 
 
 def _op(root, node) -> str:
@@ -177,8 +182,10 @@ def _group_attrs(plan, root, key, members, whole, color_by, top_flops):
         fill, font = _scale(FLOPS_FILL, flops / top_flops if top_flops else 0)
     else:
         fill, font = _period_fill(min(periods, default=1))
+    # "3 of 10 nodes": the rest of the module lies in a neighbouring stage.
+    count = f"{len(members)} of {whole}" if whole > len(members) else str(len(members))
     label = _rows((f'<FONT COLOR="{font}"><B>{html.escape(prefix or f"stage {stage}")}</B>{cls}</FONT>', ""),
-                  (f'<FONT COLOR="{font}" POINT-SIZE="10">{len(members)}{f" of {whole}" if whole > len(members) else ""} nodes, {_si(flops)} FLOPs/frame</FONT>', ""),
+                  (f'<FONT COLOR="{font}" POINT-SIZE="10">{count} nodes, {_si(flops)} FLOPs/frame</FONT>', ""),
                   (f'<FONT COLOR="{font}" POINT-SIZE="9">out {_shape(out[-1]) if out else ""}</FONT>', ""),
                   (shift_text, 'BGCOLOR="white"'), _badge(periods))
     return dict(label=label, shape="box", style="rounded,filled", fillcolor=fill, peripheries="2",
@@ -208,37 +215,58 @@ def _stage_label(plan, j):
 
 
 def _edge(plan, u, v):
-    """Style of the edge u→v: class, attributes (semantics §2 for the delay)."""
+    """Classes and attributes of the edge u→v; crossing edges carry their delay (semantics §2)."""
     if u.op == "get_attr":
         return "const", dict(style="dotted", color=VALUE)
     span = plan.stage_of[v.name] - plan.stage_of[u.name]
-    d = plan.delay_of[(u.name, v.name)]
     if span == 0:
         return "inside", dict(color=VALUE if info(u).get("kind") == "value" else INSIDE)
+    d = plan.delay_of[(u.name, v.name)]
     if info(u).get("kind") != "tensor":
-        return "crossing", dict(style="dashed", color=VALUE, label=f"d={d}", fontcolor=VALUE)
+        return "crossing value", dict(style="dashed", color=VALUE, label=f"d={d}", fontcolor=VALUE)
     if plan.delays == "diagonal" and span > 1:
-        return "skip", dict(style="dashed", color=SKIP, penwidth="2.2", label=f"d={d} skip", fontcolor=SKIP)
+        return "crossing skip", dict(style="dashed", color=SKIP, penwidth="2.2", label=f"d={d} skip",
+                                     fontcolor=SKIP)
     return "crossing", dict(style="dashed", color=CROSSING, penwidth="1.3", label=f"d={d}", fontcolor=CROSSING)
 
 
-def _legend(plan, color_by):
+def _legend(plan, color_by, classes, grouped):
+    """What the colours, shapes and lines mean; only those the picture uses."""
     rows = ['<TR><TD COLSPAN="2"><B>legend</B></TD></TR>']
     if color_by == "flops":
-        swatches = [(FLOPS_FILL[0], "few FLOPs"), (FLOPS_FILL[-1], "most FLOPs")]
+        swatches = [(FLOPS_FILL[0], "few FLOPs per frame"), (FLOPS_FILL[-1], "most FLOPs per frame")]
     else:
         swatches = [(_period_fill(p)[0], f"period {p}: fires every {p} ticks" if p > 1 else "period 1: every tick")
                     for p in sorted(set(plan.period_of.values()))]
-    rows += [f'<TR><TD BGCOLOR="{c}" WIDTH="24" BORDER="1"> </TD><TD ALIGN="LEFT">{t}</TD></TR>' for c, t in swatches]
-    lines = [(INSIDE, "───", "same stage, same tick"),
-             (CROSSING, "- - -", "d=n: crosses stages, value is n ticks old"),
-             (SKIP, "- - -", "temporal skip: jumps stages in diagonal mode, fresher features"),
-             (VALUE, "- - -", "size value: never delayed")]
-    rows += [f'<TR><TD><FONT COLOR="{c}"><B>{s}</B></FONT></TD><TD ALIGN="LEFT">{t}</TD></TR>' for c, s, t in lines]
     if plan.shift_nodes:
-        rows.append(f'<TR><TD BGCOLOR="{SHIFT_FILL}" BORDER="1"> </TD><TD ALIGN="LEFT">temporal shift node</TD></TR>')
-    rows.append('<TR><TD BORDER="1">||</TD><TD ALIGN="LEFT">double border: a group of nodes of one module</TD></TR>')
+        swatches.append((SHIFT_FILL, "temporal shift (TSM) node"))
+    rows += [f'<TR><TD BGCOLOR="{c}" WIDTH="24" BORDER="1"> </TD><TD ALIGN="LEFT">{t}</TD></TR>' for c, t in swatches]
+    lines = [("inside", INSIDE, "───", "same stage, same tick"),
+             ("crossing", CROSSING, "- - -", "d=n: crosses stages, reads the value of n ticks ago"),
+             ("skip", SKIP, "- - -", "temporal skip: jumps stages at delay 1, fresher features"),
+             ("value", VALUE, "- - -", "size value: no frame content, never delayed")]
+    rows += [f'<TR><TD><FONT COLOR="{c}"><B>{s}</B></FONT></TD><TD ALIGN="LEFT">{t}</TD></TR>'
+             for cls, c, s, t in lines if cls in classes]
+    if grouped:
+        rows.append('<TR><TD BORDER="1">||</TD>'
+                    '<TD ALIGN="LEFT">double border: nodes of one module in one stage</TD></TR>')
     return f'<<TABLE BORDER="1" CELLBORDER="0" CELLSPACING="2" BGCOLOR="white">{"".join(rows)}</TABLE>>'
+
+
+def _edges(plan, groups) -> dict:
+    """Edges between boxes, one per pair of boxes and kind of edge: (a, b, label) -> (class, attributes).
+
+    Boxes never mix stages, so the delay of every edge between two boxes is exact.
+    """
+    box_of = {n.name: _box_id(k) for k, ms in groups.items() for n in ms}
+    edges = {}
+    for v in plan.graph.nodes:
+        for u in v.all_input_nodes:
+            a, b = box_of[u.name], box_of[v.name]
+            if a != b:
+                cls, attrs = _edge(plan, u, v)
+                edges.setdefault((a, b, attrs.get("label")), (cls, attrs))
+    return edges
 
 
 def to_dot(net, collapse=None, color_by=None) -> "graphviz.Digraph":
@@ -258,7 +286,6 @@ def to_dot(net, collapse=None, color_by=None) -> "graphviz.Digraph":
     elif isinstance(collapse, bool) or not isinstance(collapse, int) or collapse < 0:
         raise ValueError(f"collapse={collapse!r} must be None (automatic) or a module depth >= 0")
     groups = _groups(plan, collapse)
-    box_of = {n.name: _box_id(k) for k, ms in groups.items() for n in ms}
     top_flops = max((sum(info(n).get("flops", 0) for n in ms) for ms in groups.values()), default=0)
     top_flops /= plan.example_shape[0]
     # Group sizes over all stages, to tell a module split by a stage boundary.
@@ -275,7 +302,10 @@ def to_dot(net, collapse=None, color_by=None) -> "graphviz.Digraph":
         ranksep="0.35", newrank="true"),
         node_attr=dict(fontname="Helvetica", fontsize="11", margin="0.08,0.04"),
         edge_attr=dict(fontname="Helvetica", fontsize="9", arrowsize="0.6"))
-    dot.node("legend", _legend(plan, color_by), shape="plain")
+    edges = _edges(plan, groups)
+    classes = {c for cls, _ in edges.values() for c in cls.split()}
+    grouped = any(not isinstance(k, str) for k in groups)
+    dot.node("pipecomp legend", _legend(plan, color_by, classes, grouped), shape="plain")
     for j in range(plan.parallel):
         with dot.subgraph(name=f"cluster_stage{j}") as c:
             c.attr(label=_stage_label(plan, j), labeljust="l", fontsize="13", style="rounded,filled", color="#888888",
@@ -288,15 +318,8 @@ def to_dot(net, collapse=None, color_by=None) -> "graphviz.Digraph":
                 else:
                     c.node(_box_id(key), **_group_attrs(plan, root, key, members, whole[key[1]], color_by,
                                                               top_flops))
-    drawn = set()
-    for v in plan.graph.nodes:
-        for u in v.all_input_nodes:
-            a, b = box_of[u.name], box_of[v.name]
-            cls, attrs = _edge(plan, u, v)
-            if a == b or (a, b, cls, attrs.get("label")) in drawn:
-                continue
-            drawn.add((a, b, cls, attrs.get("label")))
-            dot.edge(a, b, **attrs, **{"class": f"pc-{cls}"})
+    for (a, b, _), (cls, attrs) in edges.items():
+        dot.edge(a, b, **attrs, **{"class": " ".join(f"pc-{c}" for c in cls.split())})
     return dot
 
 
@@ -316,28 +339,44 @@ def timeline_dot(net, ticks: int = 12) -> "graphviz.Digraph":
             return f'<TD {extra} BGCOLOR="#e4e4e4"><FONT COLOR="#888888">–</FONT></TD>'
         return f'<TD {extra} BGCOLOR="{FRAME_FILL[frame % len(FRAME_FILL)]}">{frame}</TD>'
 
-    head = lambda text: f'<TD ALIGN="LEFT" BGCOLOR="white">{text}</TD>'
-    rows = ['<TR>' + head("<B>tick</B>") + "".join(f'<TD BGCOLOR="white"><B>{t}</B></TD>'
-                                                   for t in range(ticks)) + '</TR>']
-    rows.append('<TR>' + head("input frame") + "".join(cell(t) for t in range(ticks)) + '</TR>')
-    for j, row in enumerate(tl.stages):
-        periods = tl.periods[j]
+    def row(head, cells):
+        return f'<TR><TD ALIGN="LEFT" BGCOLOR="white" BALIGN="LEFT">{head}</TD>{"".join(cells)}</TR>'
+
+    rows = [row("<B>tick</B>", (f'<TD BGCOLOR="white" WIDTH="26"><B>{t}</B></TD>' for t in range(ticks))),
+            row("input frame", (cell(t) for t in range(ticks)))]
+    for j, periods in enumerate(tl.periods):
         note = f'<BR/><FONT POINT-SIZE="9">period {",".join(map(str, periods))}</FONT>' if periods != [1] else ""
-        rows.append('<TR>' + head(f"stage {j}{note}") + "".join(cell(c.frame, c.fires) for c in row) + '</TR>')
-    rows.append('<TR>' + head("<B>output</B>") + "".join(cell(f, extra='BORDER="3" COLOR="black"')
-                                                           for f in tl.output) + '</TR>')
-    clocked = any(p != [1] for p in tl.periods)
-    steady = "" if clocked else f"; the output at tick t reflects frame t−{tl.latency}"
-    caption = (f"information latency {tl.latency} frames{steady}. Cell: the newest input frame in the stage's output; "
-               f"blank: the stage does not fire (clocked, holds its value); –: no frame has reached it yet")
-    rows.append(f'<TR><TD COLSPAN="{ticks + 1}" ALIGN="LEFT" BGCOLOR="white">'
-                f'<FONT POINT-SIZE="10">{html.escape(caption)}</FONT></TD></TR>')
-    label = f'<<TABLE BORDER="0" CELLBORDER="1" CELLSPACING="0" CELLPADDING="5" COLOR="#bbbbbb">{"".join(rows)}</TABLE>>'
+        rows.append(row(f"stage {j}{note}", (cell(c.frame, c.fires) for c in tl.stages[j])))
+    rows.append(row("<B>output</B>", (cell(f, extra='BORDER="2" COLOR="#222222"') for f in tl.output)))
+    table = (f'<<TABLE BORDER="0" CELLBORDER="1" CELLSPACING="0" CELLPADDING="5" COLOR="#bbbbbb">'
+             f'{"".join(rows)}</TABLE>>')
+
+    first = next((t for t, f in enumerate(tl.output) if f is not None), None)
+    lines = [f"information latency {tl.latency} frames (the smallest total delay from the frame to the output)"]
+    if all(p == [1] for p in tl.periods):
+        lines.append(f"the output at tick t reflects frame t-{tl.latency}")
+    elif first is None:
+        lines.append(f"no frame reaches the output in {ticks} ticks: the clocks repeat every "
+                     f"{plan.hyperperiod} ticks, draw more ticks")
+    else:
+        lines.append(f"clocked stages hold their value between firings; a frame first reaches the output "
+                     f"at tick {first} (frame {tl.output[first]})")
+    lines.append("cell: the newest input frame in the stage's output;  blank: the stage does not fire;  "
+                 "–: no frame has reached it yet")
     dot = graphviz.Digraph("timeline", graph_attr=dict(
-        label=f"{type(plan.module).__name__}: depth-parallel time-space table (stages down, ticks across)",
-        labelloc="t", fontname="Helvetica", fontsize="16"), node_attr=dict(fontname="Helvetica", fontsize="11"))
-    dot.node("table", label, shape="plain")
+        label=f"{type(plan.module).__name__}: time-space table, stages down, ticks across", labelloc="t",
+        fontname="Helvetica", fontsize="16"), node_attr=dict(fontname="Helvetica", fontsize="11"))
+    dot.node("table", table, shape="plain")
+    dot.node("caption", "".join(line + "\\l" for line in lines), shape="plain", fontsize="10")
+    dot.edge("table", "caption", style="invis")
     return dot
+
+
+def check_renderer(fmt: str) -> None:
+    """Raise RuntimeError, saying how to install it, when `fmt` needs the missing `dot` program."""
+    if fmt != "dot" and shutil.which("dot") is None:
+        raise RuntimeError(f"rendering .{fmt} needs Graphviz's 'dot' program, which is not on PATH: "
+                           f"apt-get install graphviz (or brew install graphviz); a .dot file needs no program")
 
 
 def visualize(net, path, view="graph", ticks=12, collapse=None) -> Path:
@@ -359,8 +398,6 @@ def visualize(net, path, view="graph", ticks=12, collapse=None) -> Path:
     if fmt == "dot":
         path.write_text(dot.source)
         return path
-    if shutil.which("dot") is None:
-        raise RuntimeError(f"rendering .{fmt} needs Graphviz's 'dot' program, which is not on PATH: "
-                           f"apt-get install graphviz (or brew install graphviz); a .dot file needs no program")
+    check_renderer(fmt)
     path.write_bytes(dot.pipe(format=fmt))
     return path

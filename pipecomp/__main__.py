@@ -1,0 +1,4 @@
+"""`python -m pipecomp`: the command line (see `pipecomp.cli`)."""
+from .cli import main
+
+raise SystemExit(main())
