@@ -79,10 +79,18 @@ def module_path(node: fx.Node) -> str:
 
 
 def annotate(gm: fx.GraphModule, example: torch.Tensor) -> None:
-    """Shapes, kinds, bytes, FLOPs and module paths of every node, at `example`'s batch."""
-    with torch.no_grad():
-        _Annotate(gm).propagate(example)
-        _BatchShapes(gm).run(torch.cat([example, example[:1]]))
+    """Shapes, kinds, bytes, FLOPs and module paths of every node, at `example`'s batch.
+
+    Runs in eval mode, so that compiling never updates the model's batch-norm statistics."""
+    modes = {m: m.training for m in gm.modules()}
+    gm.eval()
+    try:
+        with torch.no_grad():
+            _Annotate(gm).propagate(example)
+            _BatchShapes(gm).run(torch.cat([example, example[:1]]))
+    finally:
+        for m, training in modes.items():
+            m.training = training
     for n in gm.graph.nodes:
         meta = info(n)
         meta["module"] = module_path(n)

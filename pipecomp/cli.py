@@ -3,6 +3,8 @@
     pipecomp compile torchvision:resnet50 --parallel 7 --clocks halve
     pipecomp viz torchvision:densenet121 --parallel 7 -o densenet.svg --view timeline
     pipecomp demo --out out
+    pipecomp pipeline torchvision:resnet18 --parallel 4 --procs 2 --check
+    torchrun --nproc-per-node 2 -m pipecomp pipeline torchvision:resnet18 --parallel 4
 
 MODEL is ``torchvision:NAME[,key=value...]`` (a classification or segmentation builder,
 always with weights=None) or ``path/to/file.py:FACTORY`` (a function returning an
@@ -153,6 +155,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="where pictures go (default ./out)")
     demo.add_argument("--frames", type=int, default=32, metavar="N")
     demo.add_argument("--size", type=int, default=224, metavar="PX", help="frame height and width (default 224)")
+    pipe = sub.add_parser("pipeline", help="stream a synthetic clip through MODEL split over processes "
+                                           "(torch.distributed; under torchrun, one rank per process)")
+    _model_options(pipe)
+    pipe.add_argument("--procs", type=int, default=2, metavar="N",
+                      help="processes to fork on this machine when not started by torchrun (default 2)")
+    pipe.add_argument("--frames", type=int, default=16, metavar="N")
+    pipe.add_argument("--seed", type=int, default=0, help="weights seed: every rank builds the same model")
+    pipe.add_argument("--check", action="store_true", help="compare the outputs with VideoNet.step")
     return p
 
 
@@ -200,6 +210,52 @@ def _demo(args):
     demo.run(args.out, args.frames, args.size, _say)
 
 
+def _pipeline(args):
+    import os
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from .backends import distributed
+    from .demo import moving_shapes
+
+    torchrun = "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    if args.frames < 1 or args.procs < 1:
+        raise UsageError("--frames and --procs must be >= 1")
+    torch.manual_seed(args.seed)
+    net = _compile(args).eval()
+    batch, _, height, width = args.input
+    clip = moving_shapes(args.frames * batch, height)[:, :, :, :width].reshape(args.frames, batch, 3, height, -1)
+    frames = list(clip)
+    start = time.perf_counter()
+    if torchrun:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=distributed.TIMEOUT)
+        try:
+            device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+            rank = dist.get_rank()
+            outputs = distributed.stream(net, frames if rank == 0 else None, ticks=len(frames), batch=batch,
+                                         device=device)
+        finally:
+            dist.destroy_process_group()
+        if rank != 0:
+            return
+    else:
+        if args.procs > net.plan.parallel:
+            raise UsageError(f"--procs {args.procs} exceeds the {net.plan.parallel} stages; use --parallel")
+        _say(f"forking {args.procs} processes")
+        outputs = distributed.launch(net, frames, nprocs=args.procs)
+    elapsed = time.perf_counter() - start
+    print(f"{len(frames)} frames in {elapsed:.2f} s ({len(frames) / elapsed:.1f} frames/s, set-up included)")
+    if args.check:
+        net.reset()
+        with torch.no_grad():
+            from torch.utils._pytree import tree_leaves
+            worst = max((a.cpu() - b).abs().max().item() for x, out in zip(frames, outputs)
+                        for a, b in zip(tree_leaves(out), tree_leaves(net.step(x))))
+        print(f"largest difference from VideoNet.step: {worst:.1e}")
+
+
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (0; 2 for bad input; 1 without Graphviz's dot)."""
     try:
@@ -208,6 +264,8 @@ def main(argv=None) -> int:
             print(_compile(args).report())
         elif args.command == "viz":
             _viz(args)
+        elif args.command == "pipeline":
+            _pipeline(args)
         else:
             _demo(args)
     except UsageError as e:

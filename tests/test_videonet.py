@@ -196,3 +196,10 @@ def test_tuple_outputs_keep_their_structure_and_tick_every_frame():
         assert isinstance(steps[t], tuple) and len(steps[t]) == 2
         for i in range(2):
             assert torch.equal(steps[t][i], want[t][i]) and torch.equal(clip[i][:, t], steps[t][i])
+
+
+def test_compiling_leaves_the_model_untouched():
+    model = tvm.resnet18()  # train mode: running the example must not update batch-norm statistics
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pipecomp.compile(model, parallel=2, example_input=(1, 3, 32, 32))
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -2,6 +2,8 @@
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,3 +76,27 @@ def test_a_dying_process_fails_fast(monkeypatch):
     with pytest.raises(Exception, match="signal|SIGKILL|exited"):
         distributed.launch(net, frames, nprocs=2, timeout=90)
     assert not multiprocessing.active_children()
+
+
+def _cli(*argv, runner=(sys.executable, "-m", "pipecomp")):
+    return subprocess.run([*runner, *argv], capture_output=True, text=True, timeout=180)
+
+
+MODEL = ("pipeline", "torchvision:resnet18,num_classes=10", "--parallel", "4", "--input", "1,3,32,32",
+         "--frames", "6", "--check")
+
+
+@pytest.mark.parametrize("runner", [
+    (sys.executable, "-m", "pipecomp"),
+    (sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "pipecomp"),
+], ids=["fork", "torchrun"])
+def test_command_line_pipeline_equals_step(runner):
+    done = _cli(*MODEL, runner=runner)
+    assert done.returncode == 0, done.stderr
+    assert "largest difference from VideoNet.step: 0.0e+00" in done.stdout or \
+        float(done.stdout.rsplit(": ", 1)[1]) < 1e-5
+
+
+def test_command_line_pipeline_refuses_more_processes_than_stages():
+    done = _cli(*MODEL[:3], "2", *MODEL[4:], "--procs", "3")
+    assert done.returncode == 2 and "exceeds the 2 stages" in done.stderr
