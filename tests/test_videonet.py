@@ -48,19 +48,9 @@ def test_a_failing_computation_changes_no_state(net, monkeypatch):
         want = [net.step(x) for x in frames]
         net.reset()
         got = [net.step(x) for x in frames[:2]]
-        monkeypatch.setattr(net.layer3[0].conv1, "forward", lambda x: 1 / 0)
-        with pytest.raises(ZeroDivisionError):
-            for _ in range(16):  # layer3 ticks slowly; some tick in a hyperperiod fires it
-                net.step(frames[2])
-        monkeypatch.undo()
-    # The failed ticks that did succeed before the failure were committed, so compare a
-    # stream that failed at its first attempt instead.
-    net.reset()
-    with torch.no_grad():
-        got = [net.step(x) for x in frames[:2]]
         monkeypatch.setattr(net.layer1[0].conv1, "forward", lambda x: 1 / 0)
         with pytest.raises(ZeroDivisionError):
-            net.step(frames[2])
+            net.step(frames[2])  # layer1 ticks every 2 frames: tick 2 fires it
         monkeypatch.undo()
         got += [net.step(x) for x in frames[2:]]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
