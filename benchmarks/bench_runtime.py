@@ -1,33 +1,33 @@
 """Speed of the threaded runtime: tick overhead, and a pipelined resnet50 against sequential `net.step`.
 
 Targets (issue: threaded runtime): per-tick overhead of a 7-stage pipeline of trivial stages
-< 100 µs. resnet50 at 112 px, parallel=2: 2 workers of 1 thread each against `net.step` with
-2 threads, in frames per second, and the pipeline efficiency: the ideal tick (the most loaded
-worker's compute, measured by `schedule(..., profile=True)`; Skip-Sideways supplementary sec.
-5: max_j T(H_j)) over the measured tick. Each network is timed as compiled ("eager") and with
-every stage frozen to TorchScript and optimised for inference (batch norm folded, oneDNN).
-Run: `python benchmarks/bench_runtime.py` (about 2 minutes); writes results/runtime.json.
+< 100 µs (measured with the generated stage functions, `prepare=None`, against calling them in
+one thread). resnet50 at 112 px, parallel=2: 2 workers of 1 thread each against `net.step` with
+2 threads and against the runtime on 1 worker of 2 threads, in frames per second, and the
+pipeline efficiency: the ideal tick (the most loaded worker's compute, measured by
+`schedule(..., profile=True)`; Skip-Sideways supplementary sec. 5: max_j T(H_j)) over the
+measured tick. The runtime runs the generated stage functions ("eager", `prepare=None`) and
+frozen ones (`prepare="freeze"`, the default: TorchScript, batch norm folded, no GIL).
+Run: `python benchmarks/bench_runtime.py` (about 1-2 minutes); writes results/runtime.json, .md.
 """
-import copy
-import json
 import os
 import time
-import warnings
-from typing import Dict
 
 import torch
 import torchvision.models as tvm
 from torch import nn
 
 import pipecomp
-from _results import RESULTS, machine
+from _results import machine, save
 from pipecomp.backends.threaded import Runtime
 from pipecomp.lower import zero_state
 from pipecomp.schedule import schedule
 
 
-def timed(fns, repeats):
-    """Median time of each function, measured interleaved so that machine noise hits all alike."""
+def timed(fns, repeats, which=None):
+    """Median time of each function, measured interleaved so that machine noise hits all alike.
+
+    With a list `which`, it gets per function the round (0-based) whose time is the median."""
     for f in fns:
         f()
     times = [[] for _ in fns]
@@ -36,7 +36,10 @@ def timed(fns, repeats):
             t = time.perf_counter()
             f()
             times[i].append(time.perf_counter() - t)
-    return [sorted(ts)[len(ts) // 2] for ts in times]
+    medians = [sorted(range(len(ts)), key=ts.__getitem__)[len(ts) // 2] for ts in times]
+    if which is not None:
+        which[:] = medians
+    return [ts[m] for ts, m in zip(times, medians)]
 
 
 class Chain(nn.Module):
@@ -52,7 +55,7 @@ def tick_overhead(ticks=1000):
     xs = [torch.zeros(1, 1, 4, 4)] * ticks
     state = zero_state(net.plan, 1, "cpu")
     stages = [s.variants[0] for s in net._stages]
-    runtimes = {w: Runtime(net, w) for w in (1, 2, 7)}
+    runtimes = {w: Runtime(net, w, prepare=None) for w in (1, 2, 7)}
     fns = [lambda: [[gm.forward(x, state) for gm in stages] for x in xs]]
     for rt in runtimes.values():
         fns += [lambda rt=rt: list(rt.run(xs)), lambda rt=rt: [rt.step(x) for x in xs]]
@@ -66,23 +69,8 @@ def tick_overhead(ticks=1000):
     return rows
 
 
-def frozen(net):
-    """`net` with every stage's generated GraphModule frozen to TorchScript and optimised for inference."""
-    net = copy.deepcopy(net)
-    for stage in net._stages:
-        for i, gm in enumerate(stage.variants):
-            for n in gm.graph.nodes:
-                if n.op == "placeholder":  # TorchScript needs the types fx leaves out
-                    n.type = torch.Tensor if n.name == "frame" else Dict[str, torch.Tensor]
-            gm.recompile()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                stage.variants[i] = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(gm.eval())))
-    return net
-
-
 def resnet50(net, frames, repeats=5):
-    """Frames per second of net.step (2 threads, 1 thread) and of the runtime on 2 workers."""
+    """Frames per second of net.step (2 threads, 1 thread) and of the runtime, eager and frozen."""
     def sequential(threads):
         def go():
             torch.set_num_threads(threads)
@@ -92,18 +80,38 @@ def resnet50(net, frames, repeats=5):
             torch.set_num_threads(2)
         return go
 
-    placement = schedule(net, 2, profile=True)
-    with Runtime(net, placement) as rt:
-        def pipelined():
+    counters = {}
+
+    def pipelined(rt):
+        def go():
             rt.reset()
             for _ in rt.run(frames):
                 pass
-        seq2, seq1, pipe = (t / len(frames) for t in timed([sequential(2), sequential(1), pipelined], repeats))
-    return dict(groups=placement.groups, threads_per_worker=placement.threads_per_worker,
-                worker_compute_s=[sum(c) / len(c) for c in placement.worker_costs()],
-                step_2_threads_fps=1 / seq2, step_1_thread_fps=1 / seq1, runtime_fps=1 / pipe,
-                speedup_over_step_2_threads=seq2 / pipe, ideal_tick_s=placement.average_tick, tick_s=pipe,
-                efficiency=placement.average_tick / pipe)
+            counters.setdefault(rt, []).append(rt.counters())  # the first is the warm-up's
+        return go
+
+    out = {}
+    placements = {(w, prepare): schedule(net, w, profile=True, prepare=prepare)
+                  for prepare in (None, "freeze") for w in (1, 2)}
+    runtimes = {key: Runtime(net, p, prepare=key[1]) for key, p in placements.items()}
+    median = []
+    try:
+        seq2, seq1, *pipes = (t / len(frames) for t in timed(
+            [sequential(2), sequential(1)] + [pipelined(rt) for rt in runtimes.values()], repeats, median))
+    finally:
+        for rt in runtimes.values():
+            rt.close()
+    out.update(step_2_threads_fps=1 / seq2, step_1_thread_fps=1 / seq1)
+    for ((w, prepare), rt), tick, m in zip(runtimes.items(), pipes, median[2:]):
+        p, c = placements[(w, prepare)], counters[rt][1 + m]  # the median round's
+        out[f"{prepare or 'eager'}_{w}_workers"] = dict(
+            groups=p.groups, threads_per_worker=p.threads_per_worker,
+            worker_compute_s=[sum(c) / len(c) for c in p.worker_costs()], fps=1 / tick,
+            speedup_over_step_2_threads=seq2 / tick, ideal_tick_s=p.average_tick, tick_s=tick,
+            efficiency=p.average_tick / tick,
+            in_run_worker_s=[s / c["ticks"] for s in c["worker_s"]],
+            efficiency_in_run=c["slowest_worker_s"] / c["ticks"] / tick)
+    return out
 
 
 def table(data):
@@ -116,11 +124,16 @@ def table(data):
         rows.append(f"| runtime tick, 7 trivial stages, {w} workers: run() / step() | {us(r['run_tick_s'])} / "
                     f"{us(r['step_tick_s'])} (overhead {us(r['run_overhead_s'])} / {us(r['step_overhead_s'])}) "
                     f"| < 100 µs |")
-    for name in ("eager", "frozen"):
-        r = data[f"resnet50_{name}"]
-        rows.append(f"| resnet50 112 px parallel=2 ({name}): net.step 2 threads / 1 thread / runtime 2×1 "
-                    f"| {r['step_2_threads_fps']:.1f} / {r['step_1_thread_fps']:.1f} / {r['runtime_fps']:.1f} fps "
-                    f"({r['speedup_over_step_2_threads']:.2f}×, efficiency {r['efficiency']:.0%}) | runtime faster |")
+    r = data["resnet50"]
+    rows.append(f"| resnet50 112 px parallel=2: net.step 2 threads / 1 thread | {r['step_2_threads_fps']:.1f} / "
+                f"{r['step_1_thread_fps']:.1f} fps | |")
+    for prepare in ("eager", "freeze"):
+        one, two = r[f"{prepare}_1_workers"], r[f"{prepare}_2_workers"]
+        ms = " / ".join(f"{s * 1e3:.1f}" for s in two["worker_compute_s"])
+        rows.append(f"| same, runtime ({prepare}): 1 worker × 2 threads / 2 workers × 1 thread | {one['fps']:.1f} / "
+                    f"{two['fps']:.1f} fps (2 workers: {two['speedup_over_step_2_threads']:.2f}× net.step, "
+                    f"efficiency {two['efficiency']:.0%} profiled / {two['efficiency_in_run']:.0%} in run, "
+                    f"stages {ms} ms alone) | 2 workers fastest |")
     rows.append(f"| load average before / after (2 cores, shared) | {data['load_before']} / {data['load_after']} | |")
     return "\n".join(rows)
 
@@ -133,17 +146,9 @@ def main():
         data["tick_overhead"] = tick_overhead()
         net = pipecomp.compile(tvm.resnet50().eval(), parallel=2, example_input=(1, 3, 112, 112))
         frames = [torch.randn(1, 3, 112, 112) for _ in range(12)]
-        data["resnet50_eager"] = resnet50(net, frames)
-        fast = frozen(net)
-        net.reset()
-        fast.reset()
-        data["frozen_max_abs_diff"] = max(float((net.step(x) - fast.step(x)).abs().max()) for x in frames[:3])
-        data["resnet50_frozen"] = resnet50(fast, frames)
+        data["resnet50"] = resnet50(net, frames)
     data["load_after"] = [round(x, 2) for x in os.getloadavg()]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "runtime.json").write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS / "runtime.md").write_text(table(data) + "\n")
-    print(table(data))
+    save("runtime", data, table(data))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import COMPUTE_OPS, info
+from .analysis import COMPUTE_OPS, KEY, info
 from .lower import firing, zero_state
 
 _PROFILE_CALLS = 5  # timed calls per stage variant after one warm-up; the median is kept
@@ -27,7 +27,8 @@ _PROFILE_CALLS = 5  # timed calls per stage variant after one warm-up; the media
 class Placement:
     """Stages grouped onto workers; `costs[s][t]` is stage s's cost at tick t of a hyperperiod.
 
-    `unit` is "FLOPs" (the FLOPs model) or "s" (measured by `schedule(..., profile=True)`).
+    `unit` is "FLOPs" (the FLOPs model) or "s" (measured by `schedule(..., profile=True)`);
+    `prepare` is how the measured tick functions were prepared ("freeze", or None: as generated).
     """
 
     groups: list
@@ -35,6 +36,7 @@ class Placement:
     threads_per_worker: int
     costs: list
     unit: str
+    prepare: str | None = None
 
     def worker_costs(self) -> list:
         """Per worker, its cost at every tick of the hyperperiod (its stages run in sequence)."""
@@ -76,26 +78,38 @@ class Placement:
             f"per tick (most loaded worker): average {fmt(self.average_tick)}, worst {fmt(self.worst_tick)} "
             f"over a hyperperiod of {len(self.costs[0])} ticks",
             f"all stages on one worker: {fmt(self.sequential_tick)} per tick ({speedup:.2f}x); "
-            f"cost model: {'measured seconds' if self.unit == 's' else 'FLOPs per frame'}",
+            f"cost model: {self._model()}",
         ]
         return "\n".join(lines)
 
 
-def schedule(net, workers, *, profile: bool = False) -> Placement:
+    def _model(self) -> str:
+        if self.unit != "s":
+            return "FLOPs per frame"
+        return f"measured seconds ({'frozen' if self.prepare == 'freeze' else 'generated'} tick functions)"
+
+
+def schedule(net, workers, *, profile: bool = False, prepare: str | None = "freeze") -> Placement:
     """Place the stages of `net` on `workers` (a count of CPU threads, or a list of devices).
 
     Contiguous stages share a worker when there are fewer workers than stages. The grouping
     minimises the average over a hyperperiod of the most loaded worker's tick cost (the
     frame rate with one barrier per tick), ties broken by the worst tick. Costs are FLOPs of
-    the nodes firing at each tick, or with `profile=True` the stage functions' measured times.
+    what the generated tick functions compute at each tick (the firing nodes whose values are
+    used), or with `profile=True` the tick functions' measured times
+    on a thread with the workers' intra-op thread count (CPU) or on the first device (CUDA).
+    Profiling times the tick functions as the threaded runtime with the same `prepare` runs
+    them without grad: frozen (the default, when every module is in eval mode) or as generated.
     """
     devices = _devices(workers)
     k = net.plan.parallel
     devices = devices[:k]  # more workers than stages would leave some idle
     threads = max(1, _cores() // len(devices))
-    costs = _profile(net, devices, threads) if profile else _flop_costs(net.plan)
-    groups = _best_groups(costs, len(devices))
-    return Placement(groups, devices, threads, costs, "s" if profile else "FLOPs")
+    if not profile:
+        costs = _flop_costs(net)
+        return Placement(_best_groups(costs, len(devices)), devices, threads, costs, "FLOPs")
+    costs, prepared = _profile(net, devices, threads, prepare)
+    return Placement(_best_groups(costs, len(devices)), devices, threads, costs, "s", prepared)
 
 
 def _devices(workers) -> list:
@@ -113,40 +127,67 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _flop_costs(plan) -> list:
+def _flop_costs(net) -> list:
+    """FLOPs per frame of what each stage's generated tick function computes at each tick.
+
+    That is the nodes that fire (`lower.firing`, so `period_of`/`phase_of` count) and whose
+    value is used: a firing node whose value nobody reads at that tick, in the stage or through
+    a register, is dead code in the tick function and costs nothing. Without a net (offline
+    shift has no tick functions) it is every firing node.
+    """
+    plan = net.plan
     batch = plan.example_shape[0]
+    if not net._stages:
+        costs = []
+        for s in range(plan.parallel):
+            nodes = [n for n in plan.nodes_of_stage(s) if n.op in COMPUTE_OPS]
+            flops = {n.name: info(n)["flops"] / batch for n in nodes}
+            costs.append([sum(flops[v] for v in firing(plan, nodes, t)) for t in range(plan.hyperperiod)])
+        return costs
     costs = []
-    for s in range(plan.parallel):
-        nodes = [n for n in plan.nodes_of_stage(s) if n.op in COMPUTE_OPS]
-        flops = {n.name: info(n)["flops"] / batch for n in nodes}
-        costs.append([sum(flops[v] for v in firing(plan, nodes, t)) for t in range(plan.hyperperiod)])
+    for stage in net._stages:
+        flops = [sum(n.meta.get(KEY, {}).get("flops", 0) for n in gm.graph.nodes if n.op in COMPUTE_OPS) / batch
+                 for gm in stage.variants]
+        costs.append([flops[stage.variant_of_tick[t % stage.hyperperiod]] for t in range(plan.hyperperiod)])
     return costs
 
 
-def _profile(net, devices, threads) -> list:
-    if any(d != "cpu" for d in devices):
-        raise NotImplementedError(f"profiling on {devices} is not supported yet: only CPU workers are")
+def _profile(net, devices, threads, prepare):
+    """Measured seconds per stage and tick, and the preparation measured (None where modules train)."""
+    from .backends.threaded import _stage_runs  # the runtime's own preparation; it imports this module
+
+    kinds = {torch.device(d).type for d in devices}
+    if len(kinds) > 1 or not kinds <= {"cpu", "cuda"}:
+        raise NotImplementedError(f"profile=True measures the stages on one kind of worker (CPU or CUDA), "
+                                  f"not on {devices}; give a placement of your own")
     if net.plan.shift == "offline":
         raise RuntimeError("offline shift runs on clips only: there are no tick functions to profile")
-    plan = net.plan
-    frame = torch.randn(plan.example_shape, dtype=plan.example_dtype)
-    state = zero_state(plan, frame.shape[0], frame.device)
+    cuda = kinds == {"cuda"}
+    if cuda and not torch.cuda.is_available():
+        raise RuntimeError(f"cannot profile on {devices}: CUDA is not available here")
+    plan, device = net.plan, devices[0]
+    runs = _stage_runs(net, [device] * plan.parallel, prepare)
+    frame = torch.randn(plan.example_shape).to(dtype=plan.example_dtype, device=device)
+    state = zero_state(plan, frame.shape[0], device)
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
     def measure():
         with torch.no_grad():
-            return [[_time(gm, frame, state) for gm in stage.variants] for stage in net._stages]
+            return [[_time(fn, frame, state, sync) for fn in (run.fast or run.eager)] for run in runs]
 
-    seconds = _in_thread(measure, threads)
-    return [[seconds[s][stage.variant_of_tick[t % stage.hyperperiod]] for t in range(plan.hyperperiod)]
-            for s, stage in enumerate(net._stages)]
+    seconds = _in_thread(measure, threads) if not cuda else measure()
+    costs = [[seconds[s][stage.variant_of_tick[t % stage.hyperperiod]] for t in range(plan.hyperperiod)]
+             for s, stage in enumerate(net._stages)]
+    return costs, prepare if all(run.fast is not None for run in runs) else None
 
 
 def _in_thread(fn, threads: int):
     """`fn()` on a new thread with `threads` intra-op threads, as a runtime worker runs it.
 
     torch's intra-op thread count is per thread (an OpenMP setting of the calling thread),
-    but `torch.set_num_threads` also sets the default that threads take on their first
-    parallel op, so the caller's default is put back afterwards.
+    but `torch.set_num_threads` also sets the default that a thread copies into its own setting
+    on its first parallel op (here, at once: still `threads`), so the caller's default is put
+    back afterwards.
     """
     result = []
 
@@ -168,12 +209,15 @@ def _in_thread(fn, threads: int):
     return value
 
 
-def _time(gm, frame, state) -> float:
-    gm(frame, state)
+def _time(fn, frame, state, sync) -> float:
+    for _ in range(2):  # warm-up; TorchScript's profiling executor optimises on the second call
+        fn(frame, state)
     times = []
     for _ in range(_PROFILE_CALLS):
+        sync()
         start = time.perf_counter()
-        gm(frame, state)
+        fn(frame, state)
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
