@@ -9,6 +9,7 @@ from torch import nn
 from . import passes
 from .analysis import COMPUTE_OPS, annotate, info
 from .errors import CompileError
+from .lower import tick_flops
 from .passes.delays import MODES
 from .plan import Plan
 from .trace import trace
@@ -49,17 +50,19 @@ def _example(example_input):
     return example
 
 
-def _costs(plan: Plan, batch: int) -> Plan:
-    flops, clocked, params = [0.0] * plan.parallel, [0.0] * plan.parallel, [0] * plan.parallel
+def _costs(plan: Plan, stages) -> Plan:
+    """FLOPs per frame without clocks and as executed with them (averaged over the hyperperiod,
+    firings nobody reads left out), and parameters, per stage."""
+    batch = plan.example_shape[0]
+    flops, params = [0.0] * plan.parallel, [0] * plan.parallel
+    clocked = [sum(ticks) / len(ticks) for ticks in tick_flops(plan, stages)]
     seen = set()
     for n in plan.graph.nodes:
         if n.op not in COMPUTE_OPS + ("get_attr",):
             continue
         s = plan.stage_of[n.name]
         if n.op in COMPUTE_OPS:
-            f = info(n)["flops"] / batch
-            flops[s] += f
-            clocked[s] += f / plan.period_of[n.name]
+            flops[s] += info(n)["flops"] / batch
         tensors = []
         if n.op == "call_module":
             tensors = list(plan.module.get_submodule(n.target).parameters())
@@ -108,8 +111,10 @@ def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", cl
     plan = passes.partition(plan, parallel, cuts)
     plan = passes.assign_delays(plan, delays)
     plan = passes.allocate_state(plan)
-    plan = _costs(plan, example.shape[0])
-    return VideoNet(model, plan)
+    net = VideoNet(model, plan)
+    # Costs are those of the lowered tick functions, which leave out firings nobody reads.
+    net.plan = _costs(plan, net._stages)
+    return net
 
 
 __all__ = ["compile"]

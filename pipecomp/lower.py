@@ -160,6 +160,29 @@ def lower_steps(plan: Plan, root) -> list:
     return [StageStep(plan, root, s) for s in range(plan.parallel)]
 
 
+def tick_flops(plan: Plan, stages) -> list:
+    """FLOPs per frame that each stage computes at each tick of the hyperperiod: `[stage][tick]`.
+
+    That is what the generated tick functions contain: nodes that fire and whose value is
+    used in the stage, by the output or through a register. A firing nobody reads is dead
+    code and costs nothing. Without tick functions (offline shift: clips only) it is every
+    firing node.
+    """
+    batch = plan.example_shape[0]
+    costs = []
+    for s in range(plan.parallel):
+        if stages:
+            per_variant = [sum(info(n).get("flops", 0) for n in gm.graph.nodes if n.op in COMPUTE_OPS) / batch
+                           for gm in stages[s].variants]
+            costs.append([per_variant[stages[s].variant_of_tick[t % stages[s].hyperperiod]]
+                          for t in range(plan.hyperperiod)])
+        else:
+            nodes = [n for n in plan.nodes_of_stage(s) if n.op in COMPUTE_OPS]
+            costs.append([sum(info(n)["flops"] / batch for n in nodes if n.name in firing(plan, nodes, t))
+                          for t in range(plan.hyperperiod)])
+    return costs
+
+
 def zero_state(plan: Plan, batch: int, device) -> dict:
     """The state after `reset()` for frames of batch size `batch` (semantics §3)."""
     state = {}

@@ -28,7 +28,8 @@ class Plan:
     shift_nodes: tuple = ()
     #: register depth of every tensor node that has one: name -> D (registers name_d1..name_dD)
     registers: dict = field(default_factory=dict)
-    #: per stage: FLOPs per frame without clocks, with clocks (averaged), parameters, state bytes
+    #: per stage: FLOPs per frame without clocks; with clocks, as the tick functions execute
+    #: them (averaged over the hyperperiod, firings nobody reads left out); parameters; state bytes
     stage_flops: tuple = ()
     stage_flops_clocked: tuple = ()
     stage_params: tuple = ()
@@ -51,7 +52,7 @@ class Plan:
 
     @property
     def clock_speedup(self) -> float:
-        """Total FLOPs per frame without clocks over the average with them (semantics §5)."""
+        """Total FLOPs per frame without clocks over the average executed with them (semantics §5)."""
         clocked = sum(self.stage_flops_clocked)
         return sum(self.stage_flops) / clocked if clocked else 1.0
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .analysis import COMPUTE_OPS, KEY, info
-from .lower import firing, zero_state
+
+from .lower import tick_flops, zero_state
 
 _PROFILE_CALLS = 5  # timed calls per stage variant after one warm-up; the median is kept
 
@@ -128,28 +128,8 @@ def _cores() -> int:
 
 
 def _flop_costs(net) -> list:
-    """FLOPs per frame of what each stage's generated tick function computes at each tick.
-
-    That is the nodes that fire (`lower.firing`, so `period_of`/`phase_of` count) and whose
-    value is used: a firing node whose value nobody reads at that tick, in the stage or through
-    a register, is dead code in the tick function and costs nothing. Without a net (offline
-    shift has no tick functions) it is every firing node.
-    """
-    plan = net.plan
-    batch = plan.example_shape[0]
-    if not net._stages:
-        costs = []
-        for s in range(plan.parallel):
-            nodes = [n for n in plan.nodes_of_stage(s) if n.op in COMPUTE_OPS]
-            flops = {n.name: info(n)["flops"] / batch for n in nodes}
-            costs.append([sum(flops[v] for v in firing(plan, nodes, t)) for t in range(plan.hyperperiod)])
-        return costs
-    costs = []
-    for stage in net._stages:
-        flops = [sum(n.meta.get(KEY, {}).get("flops", 0) for n in gm.graph.nodes if n.op in COMPUTE_OPS) / batch
-                 for gm in stage.variants]
-        costs.append([flops[stage.variant_of_tick[t % stage.hyperperiod]] for t in range(plan.hyperperiod)])
-    return costs
+    """FLOPs per frame of what each stage's tick functions compute at each tick (`lower.tick_flops`)."""
+    return tick_flops(net.plan, net._stages)
 
 
 def _profile(net, devices, threads, prepare):

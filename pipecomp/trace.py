@@ -1,7 +1,6 @@
 """Tracing an image model with torch.fx, with errors a person can act on."""
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 from torch import nn
 

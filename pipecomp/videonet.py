@@ -26,6 +26,7 @@ class VideoNet(nn.Module):
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
         self.plan = plan
+        self.training = model.training
         # Generated code lives in a plain list so that nn.Module does not register the
         # modules it calls a second time under other names.
         self._stages = lower_steps(plan, self)

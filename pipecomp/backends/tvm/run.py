@@ -1,0 +1,425 @@
+"""Run a compiled video network with TVM: the half of the TVM backend that goes to the board.
+
+It imports only tvm and numpy, so that it runs where torch is not installed: `export`
+copies this file and `manifest.schema.json` next to the libraries, and on the board
+
+    python3 FOLDER/run.py FOLDER --frames clip.npy --out outputs.npy
+
+runs the exported program (`python -m pipecomp.backends.tvm.run FOLDER` does the same
+where pipecomp is installed). A tick is semantics §3: every stage calls the module of its
+variant for `t mod hyperperiod` on the frame and the previous tick's state, the written
+buffers together are the next state, and the last stage gives the output. Stages of one
+tick are independent (*Massively Parallel Video Networks* sec. 3), so each may run on a
+thread of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+try:
+    import tvm
+    from tvm.runtime.vm import VirtualMachine
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError("the TVM backend needs Apache TVM 0.27: pip install 'pipecomp[tvm]' "
+                      "(on a board without torch: pip install 'apache-tvm==0.27.*' numpy)") from e
+
+FORMAT = "pipecomp-tvm/1"
+SCHEMA = Path(__file__).with_name("manifest.schema.json")
+SHORT_DEVICES = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
+
+
+class Program:
+    """A compiled video network as TVM modules: `step`, `reset`, `run`, `export`.
+
+    `step(frame)` computes one tick on a numpy array (or TVM tensor) `[B, C, H, W]` and
+    returns the output as numpy arrays, in the image model's output structure; it equals
+    `VideoNet.step` of the network it was built from (semantics §7: float32 to 1e-4
+    relative). `workers` stage threads run the stages of a tick at once (default: one per
+    stage while cores last); each gets an equal share of the cores for TVM's thread pool.
+    """
+
+    def __init__(self, manifest: dict, libraries: dict, device="cpu", *, session=None, workers=None,
+                 files: dict | None = None):
+        self.manifest = manifest
+        self._libraries = libraries  # module name -> tvm Executable (just built) or runtime Module (loaded)
+        self._files = files or {}  # module name -> path of its shared library, for a loaded program
+        self._session = session
+        self.device = _device(device, session)
+        stages = manifest["stages"]
+        cores = os.cpu_count() or 1
+        self.workers = max(1, min(len(stages), cores) if workers is None else min(workers, len(stages)))
+        self._of_tick = [_variant_of_tick(s) for s in stages]
+        self._vms = None
+        self._pool = None
+        self._lock = threading.Lock()
+        self.reset()
+
+    # -- streaming ----------------------------------------------------------------------
+    def reset(self) -> None:
+        """Back to the zero state: the next frame starts a new video."""
+        self._state, self._tick = None, 0
+
+    def step(self, frame):
+        """One tick (semantics §3): feed frame `x_t`, get the output of tick `t` as numpy."""
+        with self._lock:
+            return _numpy(self._step(self._frame(frame)))
+
+    def run(self, frames):
+        """Outputs of `step` on each frame of `frames` ([T, B, C, H, W] or an iterable of frames), in order."""
+        return [self.step(f) for f in frames]
+
+    def close(self) -> None:
+        """Stop the stage threads (a later `step` starts them again)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _frame(self, frame):
+        spec = self.manifest["input"]
+        shape, dtype = tuple(frame.shape), str(frame.dtype)
+        if shape != tuple(spec["shape"]) or dtype != spec["dtype"]:
+            raise ValueError(f"frame is {dtype} {list(shape)}, this program was compiled for "
+                             f"{spec['dtype']} {spec['shape']} (the example_input given to compile)")
+        if isinstance(frame, np.ndarray):
+            return tvm.runtime.tensor(np.ascontiguousarray(frame), self.device)
+        if frame.device != self.device:
+            return tvm.runtime.tensor(frame.numpy(), self.device)
+        return frame
+
+    def _step(self, frame):
+        vms = self._ready()
+        state = self._state if self._state is not None else self._zeros()
+        t = self._tick
+        calls = [(s, vms, t, frame, state) for s in range(len(self.manifest["stages"]))]
+        if self.workers > 1:
+            if self._pool is None:
+                share = max(1, (os.cpu_count() or 1) // self.workers)
+                self._pool = ThreadPoolExecutor(self.workers, "pipecomp-tvm-stage", _pin, (share, self.workers))
+            results = list(self._pool.map(lambda c: self._stage(*c), calls))
+        else:
+            results = [self._stage(*c) for c in calls]
+        new_state = {}
+        for written, _ in results:
+            new_state.update(written)
+        self._state, self._tick = new_state, t + 1
+        return results[-1][1]
+
+    def _stage(self, s, vms, t, frame, state):
+        variant = self.manifest["stages"][s]["variants"][self._of_tick[s][t % len(self._of_tick[s])]]
+        outputs = ()
+        if variant["module"] is not None:
+            vm = vms[s, variant["module"]]
+            # The stateful calls, unlike vm["main"](...), also work over RPC: there the
+            # returned tuple would be a remote object that cannot be indexed from here.
+            vm.set_input("main", *[frame if name == "frame" else state[name] for name in variant["inputs"]])
+            vm.invoke_stateful("main")
+            outputs = vm.get_outputs("main")
+
+        def ref(r):
+            if "output" in r:
+                return outputs[r["output"]]
+            return state[r["state"]] if "state" in r else frame
+        written = {name: ref(r) for name, r in variant["writes"].items()}
+        return written, _tree(variant["output"], ref)
+
+    def _zeros(self):
+        return {b["name"]: tvm.runtime.tensor(np.zeros(b["shape"], b["dtype"]), self.device)
+                for b in self.manifest["state"]}
+
+    def _ready(self):
+        if self._vms is None:
+            arch = self.manifest["arch"]
+            if self._session is None and self.device.dlpack_device_type() == tvm.cpu().dlpack_device_type() \
+                    and arch != _host_arch():
+                raise RuntimeError(
+                    f"this program was compiled for {arch} ({self.manifest['target_name']}), not for this "
+                    f"{_host_arch()} machine: export() it and run `python3 FOLDER/run.py FOLDER` on the board, "
+                    f"or load(folder, session=tvm.rpc.connect(...)) to run it there from here")
+            # One VM per stage and module: a VM is not thread-safe, and stages run at once.
+            self._vms = {(s, v["module"]): VirtualMachine(self._libraries[v["module"]], self.device)
+                         for s, stage in enumerate(self.manifest["stages"]) for v in stage["variants"]
+                         if v["module"] is not None}
+        return self._vms
+
+    # -- export -------------------------------------------------------------------------
+    def export(self, folder) -> Path:
+        """Write the program to `folder`: one shared library per module, `manifest.json`, its
+        schema and this runner; `load(folder)` or `python3 folder/run.py folder` runs it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        fcompile = _linker(self.manifest)
+        for name, lib in self._libraries.items():
+            path = folder / self.manifest["modules"][name]["file"]
+            if name in self._files:
+                if Path(self._files[name]).resolve() != path.resolve():
+                    shutil.copyfile(self._files[name], path)
+            else:
+                lib.export_library(str(path), fcompile=fcompile)
+        (folder / "manifest.json").write_text(json.dumps(self.manifest, indent=1) + "\n")
+        for f in (SCHEMA, Path(__file__)):
+            if f.resolve() != (folder / f.name).resolve():
+                shutil.copyfile(f, folder / f.name)
+        return folder
+
+
+def load(folder, device="cpu", *, session=None, workers=None) -> Program:
+    """The program `Program.export` wrote to `folder`, on `device` ("cpu", "cuda", a TVM device).
+
+    With `session` (from `tvm.rpc.connect`) the libraries are uploaded to the remote end and
+    run there; frames and outputs travel over the connection.
+    """
+    folder = Path(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    validate(manifest, folder)
+    libraries, files = {}, {}
+    for name, module in manifest["modules"].items():
+        path = folder / module["file"]
+        files[name] = path
+        if session is None:
+            libraries[name] = tvm.runtime.load_module(str(path))
+        else:
+            session.upload(str(path))
+            libraries[name] = session.load_module(module["file"])
+    return Program(manifest, libraries, device, session=session, workers=workers, files=files)
+
+
+# -- manifest -----------------------------------------------------------------------------
+def validate(manifest: dict, folder=None) -> None:
+    """Raise ValueError naming the first thing wrong with `manifest` (and the files in `folder`).
+
+    Checks the JSON schema (`manifest.schema.json`, with a small validator so that only the
+    standard library is needed) and what a schema cannot say: every stage's ticks cover its
+    hyperperiod once, every wire names a known buffer, module output or the frame.
+    """
+    schema = json.loads(SCHEMA.read_text())
+    _check(manifest, schema, schema, "manifest")
+    if manifest["format"] != FORMAT:
+        raise ValueError(f"manifest format {manifest['format']!r}; this runner reads {FORMAT!r}")
+    buffers = {b["name"] for b in manifest["state"]}
+    modules = manifest["modules"]
+    for s, stage in enumerate(manifest["stages"]):
+        ticks = sorted(t for v in stage["variants"] for t in v["ticks"])
+        if ticks != list(range(stage["hyperperiod"])):
+            raise ValueError(f"stage {s}: the ticks of its variants are {ticks}, expected each of "
+                             f"0..{stage['hyperperiod'] - 1} once")
+        for i, v in enumerate(stage["variants"]):
+            where = f"stage {s} variant {i}"
+            n_out = 0
+            if v["module"] is not None:
+                if v["module"] not in modules:
+                    raise ValueError(f"{where}: module {v['module']!r} is not in 'modules'")
+                n_out = len(modules[v["module"]]["outputs"])
+                names = [a["name"] for a in modules[v["module"]]["inputs"]]
+                if names != v["inputs"]:
+                    raise ValueError(f"{where}: inputs {v['inputs']} differ from its module's {names}")
+            for name in v["inputs"]:
+                if name != "frame" and name not in buffers:
+                    raise ValueError(f"{where}: input {name!r} is neither 'frame' nor a state buffer")
+            refs = list(v["writes"].items()) + [("output", r) for r in _refs(v["output"])]
+            for name, r in refs:
+                if name != "output" and name not in buffers:
+                    raise ValueError(f"{where}: writes {name!r}, which is not a state buffer")
+                if "output" in r and r["output"] >= n_out:
+                    raise ValueError(f"{where}: {name} reads module output {r['output']}, it has {n_out}")
+                if "state" in r and r["state"] not in buffers:
+                    raise ValueError(f"{where}: {name} reads unknown state buffer {r['state']!r}")
+        written = {name for v in stage["variants"] for name in v["writes"]}
+        mine = {b["name"] for b in manifest["state"] if b["stage"] == s}
+        if any(set(v["writes"]) != mine for v in stage["variants"]):
+            raise ValueError(f"stage {s}: every variant must write exactly the buffers of the stage, "
+                             f"{sorted(mine)}; they write {sorted(written)}")
+    if folder is not None:
+        for name, module in modules.items():
+            if not (Path(folder) / module["file"]).is_file():
+                raise ValueError(f"module {name}: file {module['file']} is missing from {folder}")
+
+
+def _check(x, schema, root, where):
+    if "$ref" in schema:
+        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
+    if "oneOf" in schema:
+        ok = []
+        for option in schema["oneOf"]:
+            try:
+                _check(x, option, root, where)
+                ok.append(option)
+            except ValueError:
+                pass
+        if len(ok) != 1:
+            raise ValueError(f"{where}: {json.dumps(x)[:80]} matches {len(ok)} of the allowed forms, not one")
+        return
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = [kinds] if isinstance(kinds, str) else kinds
+        if not any(_is(x, k) for k in kinds):
+            raise ValueError(f"{where}: expected {' or '.join(kinds)}, got {json.dumps(x)[:80]}")
+    if "enum" in schema and x not in schema["enum"]:
+        raise ValueError(f"{where}: {x!r} is not one of {schema['enum']}")
+    if "minimum" in schema and _is(x, "number") and x < schema["minimum"]:
+        raise ValueError(f"{where}: {x} is below {schema['minimum']}")
+    if isinstance(x, dict):
+        for key in schema.get("required", ()):
+            if key not in x:
+                raise ValueError(f"{where}: missing {key!r}")
+        props, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
+        for key, value in x.items():
+            if key in props:
+                _check(value, props[key], root, f"{where}.{key}")
+            elif extra is False:
+                raise ValueError(f"{where}: unexpected key {key!r}")
+            elif isinstance(extra, dict):
+                _check(value, extra, root, f"{where}.{key}")
+    if isinstance(x, list):
+        if len(x) < schema.get("minItems", 0):
+            raise ValueError(f"{where}: needs at least {schema['minItems']} items")
+        if "items" in schema:
+            for i, item in enumerate(x):
+                _check(item, schema["items"], root, f"{where}[{i}]")
+
+
+def _is(x, kind):
+    if kind == "integer":
+        return isinstance(x, int) and not isinstance(x, bool)
+    if kind == "number":
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+    return isinstance(x, {"object": dict, "array": list, "string": str, "boolean": bool,
+                          "null": type(None)}[kind])
+
+
+def _refs(tree):
+    """The wires in an output tree."""
+    if tree is None or "value" in tree:
+        return []
+    if "tensor" in tree:
+        return [tree["tensor"]]
+    items = tree.get("tuple") or tree.get("list") or [v for _, v in tree.get("dict", [])]
+    return [r for t in items for r in _refs(t)]
+
+
+def _tree(tree, ref):
+    """The output structure of a manifest tree, its tensor leaves resolved by `ref`."""
+    if tree is None:
+        return None
+    if "tensor" in tree:
+        return ref(tree["tensor"])
+    if "value" in tree:
+        return tree["value"]
+    if "tuple" in tree:
+        return tuple(_tree(t, ref) for t in tree["tuple"])
+    if "list" in tree:
+        return [_tree(t, ref) for t in tree["list"]]
+    return {k: _tree(t, ref) for k, t in tree["dict"]}
+
+
+def _numpy(x):
+    if isinstance(x, tuple):
+        return tuple(_numpy(v) for v in x)
+    if isinstance(x, list):
+        return [_numpy(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _numpy(v) for k, v in x.items()}
+    return x.numpy() if hasattr(x, "numpy") else x
+
+
+def _variant_of_tick(stage):
+    of = [0] * stage["hyperperiod"]
+    for i, v in enumerate(stage["variants"]):
+        for t in v["ticks"]:
+            of[t] = i
+    return of
+
+
+def _device(device, session):
+    if not isinstance(device, str):
+        return device
+    kind, _, index = device.partition(":")
+    if kind not in SHORT_DEVICES:
+        raise ValueError(f"device {device!r}: expected one of {', '.join(SHORT_DEVICES)} (with :N), or a TVM device")
+    return (session.device(kind, int(index or 0)) if session is not None
+            else tvm.runtime.device(kind, int(index or 0)))
+
+
+def _host_arch():
+    machine = platform.machine().lower()
+    return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+
+
+def _pin(share, workers):
+    """Each stage thread leads a TVM thread pool of its own (the pool is thread-local) on `share` cores."""
+    index = int(threading.current_thread().name.rsplit("_", 1)[-1])
+    cores = os.cpu_count() or 1
+    cpus = [str((index * share + i) % cores) for i in range(share)]
+    tvm.get_global_func("runtime.config_threadpool")(-3, share, cpus)  # -3: threads share these cores
+
+
+def _linker(manifest):
+    """How export links a library: the system compiler, or a cross compiler for another arch."""
+    arch = manifest["arch"]
+    if arch == _host_arch():
+        return None
+    gxx = f"{arch}-linux-gnu-g++"
+    if shutil.which(gxx) is None:
+        raise RuntimeError(f"exporting for {arch} ({manifest['target_name']}) links with the cross compiler "
+                           f"{gxx}, which is not on PATH: apt-get install g++-{arch.replace('_', '-')}-linux-gnu")
+    from tvm.support import cc
+    return cc.cross_compiler(gxx)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="run.py", description="Run an exported pipecomp TVM program on frames.")
+    parser.add_argument("folder", help="the folder Program.export wrote")
+    parser.add_argument("--frames", help=".npy of frames [T, B, C, H, W] (default: random frames)")
+    parser.add_argument("--ticks", type=int, default=8, help="how many random frames without --frames")
+    parser.add_argument("--out", help="write the outputs to this .npz (output i of tick t as t_i)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=None, help="stage threads (default: one per stage)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    program = load(args.folder, args.device, workers=args.workers)
+    spec = program.manifest["input"]
+    if args.frames:
+        frames = np.load(args.frames)
+    else:
+        frames = np.random.default_rng(args.seed).standard_normal((args.ticks, *spec["shape"])).astype(spec["dtype"])
+    outputs, times = {}, []
+    with program:
+        for t, frame in enumerate(frames):
+            start = time.perf_counter()
+            out = program.step(frame)
+            times.append(time.perf_counter() - start)
+            for i, leaf in enumerate(_leaves(out)):
+                outputs[f"{t}_{i}"] = leaf
+    if args.out:
+        np.savez(args.out, **outputs)
+    ms = 1000 * np.array(times)
+    print(f"{len(frames)} ticks on {platform.machine()}, {program.workers} stage threads: "
+          f"median {np.median(ms):.2f} ms/tick, first {ms[0]:.2f} ms", file=sys.stderr)
+
+
+def _leaves(x):
+    if isinstance(x, (tuple, list)):
+        return [leaf for v in x for leaf in _leaves(v)]
+    if isinstance(x, dict):
+        return [leaf for v in x.values() for leaf in _leaves(v)]
+    return [x] if isinstance(x, np.ndarray) else []
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""How the Relax modules of a program become machine code: TVM's pipelines and MetaSchedule.
+
+CPU modules go through TVM's CPU pipeline (dispatch, legalize, fuse, lower), with the
+records of a MetaSchedule database applied to the kernels it knows. TVM 0.27 has no CPU
+schedule for convolutions that works without measuring: `dlight.cpu` holds only GEMV and
+reduction rules, and the x86/ARM TOPI schedules left with Relay; untuned kernels keep the
+naive loop nests of legalization (see benchmarks/bench_tvm.py for what that costs).
+GPU targets get TVM's default pipeline for the target (its dlight GPU rules).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import tvm_ffi
+
+from .run import _host_arch, tvm
+
+#: Below this many trials per kernel, MetaSchedule measures random samples of the design
+#: space (replay-trace): evolutionary search needs a population and a cost model that a
+#: handful of measurements cannot feed, and costs tens of seconds per kernel to start.
+EVOLUTIONARY_FROM = 64
+
+
+def compile_all(irmods: dict, target, tuning=None) -> dict:
+    """Compile each Relax IRModule of `irmods` for `target`: name -> tvm Executable.
+
+    `tuning=dict(trials=N, database=PATH)` first tunes the kernels PATH has never seen.
+    """
+    database = tune(irmods, target, **_tuning(tuning)) if tuning is not None else None
+    return {name: tvm.compile(mod, target=target, relax_pipeline=pipeline(target, database))
+            for name, mod in irmods.items()}
+
+
+def pipeline(target, database=None, schedules=()) -> tvm.transform.Pass:
+    """The Relax pipeline for `target`: TVM's own, plus `database`'s records (CPU targets).
+
+    `schedules` are passes run on the fused kernels after the records (e.g. dlight rules);
+    a kernel that a record or an earlier pass scheduled is marked and left alone.
+    """
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    if target.kind.name != "llvm":
+        if database is not None or schedules:
+            raise ValueError(f"tuning and schedules are for CPU targets; {target.kind.name} targets use TVM's "
+                             f"default pipeline (dlight GPU rules)")
+        return relax.get_default_pipeline(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="pipecomp.CPUPipeline")
+    def run(mod, _ctx):
+        with target, database if database is not None else contextlib.nullcontext():
+            applied = [relax.transform.MetaScheduleApplyDatabase()] if database is not None else []
+            passes = (cpu.library_dispatch_passes(target) + cpu.legalize_passes(target) + applied
+                      + list(schedules) + cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target))
+            return tvm.transform.Sequential(passes)(mod)
+    return run
+
+
+def kernels(irmods: dict, target) -> list:
+    """The distinct fused kernels (MetaSchedule tasks) of all modules, each weighted by its uses."""
+    from tvm.relax.backend.cpu_generic import pipeline as cpu
+    from tvm.s_tir import meta_schedule as ms
+
+    found = []
+    for mod in irmods.values():
+        with target:
+            fused = tvm.transform.Sequential(cpu.library_dispatch_passes(target) + cpu.legalize_passes(target))(mod)
+        for task in ms.relax_integration.extract_tasks(fused, target):
+            i = next((i for i, t in enumerate(found)
+                      if tvm_ffi.structural_equal(t.dispatched[0], task.dispatched[0])), None)
+            if i is None:
+                found.append(task)
+            else:
+                t = found[i]
+                found[i] = ms.ExtractedTask(t.task_name, t.mod, t.target, t.dispatched, t.weight + task.weight)
+    return found
+
+
+def tune(irmods: dict, target, trials: int, database: str):
+    """MetaSchedule on the kernels that `database` (a folder) has never seen, `trials` measurements in all.
+
+    Every kernel of a tuning run is recorded in the database, measured or not, so a later
+    build with the same database tunes nothing it was already offered: a bigger budget
+    for the same kernels needs a new database.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    os.makedirs(database, exist_ok=True)
+    db = ms.database.JSONDatabase(work_dir=database)
+    todo = [t for t in kernels(irmods, target) if not db.has_workload(t.dispatched[0])]
+    if not todo or trials == 0:
+        return db
+    if target.kind.name != "llvm" or arch(target) != _host_arch():
+        raise ValueError(f"tuning measures kernels on this {_host_arch()} CPU, so it needs a CPU target of this "
+                         f"machine, not {target}; tune on the board and build with its database (kernels found "
+                         f"there are not tuned again), or build without tuning")
+    if "num-cores" not in target.attrs:
+        raise ValueError(f"MetaSchedule needs 'num-cores' in the target; got {target}")
+    per_task = max(1, math.ceil(trials / len(todo)))
+    strategy = "evolutionary" if per_task >= EVOLUTIONARY_FROM else "replay-trace"
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        todo, work_dir=database, strategy=strategy, num_threads=os.cpu_count() or 1)
+    ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=database, max_trials_global=trials,
+                  max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 64), database=db,
+                  builder=ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1), cost_model=_cost_model())
+    for task in todo:
+        db.commit_workload(task.dispatched[0])
+    return db
+
+
+def arch(target) -> str:
+    """The CPU architecture of `target`'s host code: x86_64, aarch64, ..."""
+    host = target if target.kind.name in ("llvm", "c") else target.host
+    triple = (host.attrs.get("mtriple") if host is not None else None) or \
+        tvm.target.codegen.llvm_get_system_triple()
+    return str(triple).split("-")[0]
+
+
+def _cost_model() -> str:
+    try:
+        import xgboost  # noqa: F401  (MetaSchedule's default cost model)
+        return "xgb"
+    except ImportError:
+        return "random"
+
+
+def _tuning(tuning) -> dict:
+    if not isinstance(tuning, dict) or set(tuning) - {"trials", "database"} or "database" not in tuning:
+        raise ValueError(f"tuning={tuning!r} must be dict(trials=N, database=PATH)")
+    trials = tuning.get("trials", 0)
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise ValueError(f"tuning trials={trials!r} must be an integer >= 0 (0: only use the database)")
+    return {"trials": trials, "database": os.fspath(tuning["database"])}
