@@ -1,7 +1,8 @@
-"""Shared by the benchmark scripts: write a results file and its table into the README."""
+"""Shared by the benchmark scripts: interleaved timing, and a results file with its README table."""
 import json
 import pathlib
 import platform
+import time
 
 import torch
 
@@ -25,3 +26,22 @@ def save(name: str, data: dict, table: str) -> None:
         head, rest = text.split(begin, 1)
         readme.write_text(f"{head}{begin}\n{table}\n{end}{rest.split(end, 1)[1]}")
     print(table)
+
+
+def timed(fns, rounds, *, best=False, which=None):
+    """Median (or best) time of each function over `rounds` interleaved rounds, after a warm-up,
+    so that the machine's noise hits all of them alike. With a list `which`, it gets per
+    function the round (0-based) whose time was picked."""
+    for f in fns:
+        f()
+    times = [[] for _ in fns]
+    for _ in range(rounds):
+        for i, f in enumerate(fns):
+            start = time.perf_counter()
+            f()
+            times[i].append(time.perf_counter() - start)
+    order = [sorted(range(len(ts)), key=ts.__getitem__) for ts in times]
+    picked = [o[0] if best else o[len(o) // 2] for o in order]
+    if which is not None:
+        which[:] = picked
+    return [ts[i] for ts, i in zip(times, picked)]

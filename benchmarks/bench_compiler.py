@@ -11,20 +11,7 @@ import torch
 import torchvision.models as tvm
 
 import pipecomp
-from _results import machine, save
-
-
-def timed(fns, repeats):
-    """Median time of each function, measured interleaved so that machine noise hits all alike."""
-    for f in fns:
-        f()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, f in enumerate(fns):
-            t = time.perf_counter()
-            f()
-            times[i].append(time.perf_counter() - t)
-    return [sorted(ts)[len(ts) // 2] for ts in times]
+from _results import machine, save, timed
 
 
 def stream(net, frames):

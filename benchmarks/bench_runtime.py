@@ -11,35 +11,16 @@ frozen ones (`prepare="freeze"`, the default: TorchScript, batch norm folded, no
 Run: `python benchmarks/bench_runtime.py` (about 1-2 minutes); writes results/runtime.json, .md.
 """
 import os
-import time
 
 import torch
 import torchvision.models as tvm
 from torch import nn
 
 import pipecomp
-from _results import machine, save
+from _results import machine, save, timed
 from pipecomp.backends.threaded import Runtime
 from pipecomp.lower import zero_state
 from pipecomp.schedule import schedule
-
-
-def timed(fns, repeats, which=None):
-    """Median time of each function, measured interleaved so that machine noise hits all alike.
-
-    With a list `which`, it gets per function the round (0-based) whose time is the median."""
-    for f in fns:
-        f()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for i, f in enumerate(fns):
-            t = time.perf_counter()
-            f()
-            times[i].append(time.perf_counter() - t)
-    medians = [sorted(range(len(ts)), key=ts.__getitem__)[len(ts) // 2] for ts in times]
-    if which is not None:
-        which[:] = medians
-    return [ts[m] for ts, m in zip(times, medians)]
 
 
 class Chain(nn.Module):

@@ -26,7 +26,7 @@ import torch
 import torchvision.models as tvm
 
 import pipecomp
-from _results import machine, save
+from _results import machine, save, timed
 from bench_runtime import tick_overhead
 from pipecomp.backends.threaded import Runtime
 from pipecomp.schedule import schedule
@@ -37,24 +37,6 @@ PARALLEL = {"resnet50": (1, 2, 4, 7), "densenet121": (1, 2, 4, 7, 14)}
 
 def load() -> list:
     return [round(x, 2) for x in os.getloadavg()]
-
-
-def best_times(fns, rounds, which=None):
-    """Best time of each function over `rounds` interleaved rounds (after one warm-up round).
-
-    With a list `which`, it gets per function the round (0-based) that was best."""
-    for f in fns:
-        f()
-    times = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, f in enumerate(fns):
-            start = time.perf_counter()
-            f()
-            times[i].append(time.perf_counter() - start)
-    best = [min(range(len(t)), key=t.__getitem__) for t in times]
-    if which is not None:
-        which[:] = best
-    return [t[b] for t, b in zip(times, best)]
 
 
 def compiled(name, parallel, clocks):
@@ -112,7 +94,7 @@ def row(name, parallel, clocks, ticks, rounds, sequential):
         refs = sequential.fns(frames[:ticks])
         fns = list(refs.values()) + [run_all(rt, frames, counters) for rt in runtimes.values()]
         best = []
-        times = best_times(fns, rounds, best)
+        times = timed(fns, rounds, best=True, which=best)
     finally:
         for rt in runtimes.values():
             rt.close()
