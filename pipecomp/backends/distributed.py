@@ -222,21 +222,22 @@ def launch(net, frames, nprocs: int = 2, *, devices=None, timeout: float = 300.0
     placement = _placement(net, nprocs, devices)
     groups, devs = placement.groups, list(placement.devices)
     # forked children inherit the compiled network: nothing to pickle
-    results = os.path.join(tempfile.mkdtemp(prefix="pipecomp-"), "outputs.pt")
-    procs = mp.start_processes(_serve, args=(net, groups, devs, placement.threads_per_worker, frames, results,
-                                             _free_port()), nprocs=len(groups), join=False, start_method="fork")
-    deadline = time.monotonic() + timeout
+    folder = tempfile.mkdtemp(prefix="pipecomp-")
+    results = os.path.join(folder, "outputs.pt")
     try:
-        while not procs.join(timeout=0.2):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {len(groups)} pipeline processes did not finish in {timeout:.0f} s")
-    finally:
-        for p in procs.processes:
-            if p.is_alive():
-                p.terminate()
-    try:
+        procs = mp.start_processes(_serve, args=(net, groups, devs, placement.threads_per_worker, frames, results,
+                                                 _free_port()), nprocs=len(groups), join=False, start_method="fork")
+        deadline = time.monotonic() + timeout
+        try:
+            while not procs.join(timeout=0.2):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the {len(groups)} pipeline processes did not finish in {timeout:.0f} s")
+        finally:
+            for p in procs.processes:
+                if p.is_alive():
+                    p.terminate()
         return torch.load(results, weights_only=False)  # our own file, from our own process
     finally:
-        shutil.rmtree(os.path.dirname(results))
+        shutil.rmtree(folder, ignore_errors=True)
 
 
