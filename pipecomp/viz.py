@@ -269,13 +269,17 @@ def _edges(plan, groups) -> dict:
     return edges
 
 
-def to_dot(net, collapse=None, color_by=None) -> "graphviz.Digraph":
+WORKER_FILLS = ("#e3f0e3", "#fbe9d7", "#e6e1f3", "#fdf6d3", "#dcefff", "#f6dede", "#e9e9e9", "#dff3ef")
+
+
+def to_dot(net, collapse=None, color_by=None, placement=None) -> "graphviz.Digraph":
     """The compiled graph as a `graphviz.Digraph`: one cluster per stage (semantics §2).
 
     `collapse=N` groups the nodes of each stage by the first N components of their module
     path (None: the most detail that keeps about 80 boxes); `color_by` is "period"
-    (default; *Massively Parallel Video Networks* sec. 3.1) or "flops". Takes a VideoNet
-    or its Plan.
+    (default; *Massively Parallel Video Networks* sec. 3.1) or "flops". With a
+    `placement` (`pipecomp.schedule`), each stage is filled with its worker's colour and
+    labelled with the worker. Takes a VideoNet or its Plan.
     """
     plan, root = _plan_root(net)
     color_by = color_by or "period"
@@ -306,10 +310,16 @@ def to_dot(net, collapse=None, color_by=None) -> "graphviz.Digraph":
     classes = {c for cls, _ in edges.values() for c in cls.split()}
     grouped = any(not isinstance(k, str) for k in groups)
     dot.node("pipecomp legend", _legend(plan, color_by, classes, grouped), shape="plain")
+    worker_of = {s: w for w, group in enumerate(placement.groups) for s in group} if placement else {}
     for j in range(plan.parallel):
         with dot.subgraph(name=f"cluster_stage{j}") as c:
-            c.attr(label=_stage_label(plan, j), labeljust="l", fontsize="13", style="rounded,filled", color="#888888",
-                   fillcolor="#f6f6f6" if j % 2 else "#eef3fa")
+            label, fill = _stage_label(plan, j), "#f6f6f6" if j % 2 else "#eef3fa"
+            if placement:
+                w = worker_of[j]
+                fill = WORKER_FILLS[w % len(WORKER_FILLS)]
+                label = label.replace(f"stage {j}", f"stage {j} · worker {w} ({placement.devices[w]})", 1)
+            c.attr(label=label, labeljust="l", fontsize="13", style="rounded,filled", color="#888888",
+                   fillcolor=fill)
             for key, members in groups.items():
                 if plan.stage_of[members[0].name] != j:
                     continue
@@ -379,9 +389,10 @@ def check_renderer(fmt: str) -> None:
                            f"apt-get install graphviz (or brew install graphviz); a .dot file needs no program")
 
 
-def visualize(net, path, view="graph", ticks=12, collapse=None) -> Path:
+def visualize(net, path, view="graph", ticks=12, collapse=None, placement=None) -> Path:
     """Write the graph (`view="graph"`) or time-space table (`"timeline"`) picture to `path`.
 
+    With a `placement` (`pipecomp.schedule`) the graph's stages are coloured by worker.
     The format comes from the suffix: .svg, .png, .pdf (rendered by Graphviz's `dot`
     program) or .dot (the source, which needs no program).
     """
@@ -390,7 +401,7 @@ def visualize(net, path, view="graph", ticks=12, collapse=None) -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"cannot tell the picture format from '{path}': use one of .{', .'.join(FORMATS)}")
     if view == "graph":
-        dot = to_dot(net, collapse=collapse)
+        dot = to_dot(net, collapse=collapse, placement=placement)
     elif view == "timeline":
         dot = timeline_dot(net, ticks)
     else:

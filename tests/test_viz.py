@@ -229,3 +229,17 @@ def test_timeline_picture_marks_idle_cells_and_output(clocked):
     assert source.count('BGCOLOR="white"> </TD>') == idle  # blank where a clocked stage does not fire
     assert source.count('BORDER="2"') == 20  # the framed output row
     assert "no frame reaches the output in 20 ticks" in source
+
+
+def test_stages_coloured_and_labelled_by_worker():
+    net = pipecomp.compile(torchvision.models.resnet18(), parallel=4, example_input=(1, 3, 64, 64))
+    placement = pipecomp.schedule(net, 2)
+    source = net.to_dot(placement=placement).source
+    fills = {}
+    for w, group in enumerate(placement.groups):
+        for j in group:
+            block = source.split(f"subgraph cluster_stage{j} ", 1)[1].split("subgraph cluster_stage", 1)[0]
+            assert f"stage {j} · worker {w} (cpu)" in block
+            fills[j] = block.split('fillcolor="', 1)[1].split('"', 1)[0]
+    assert len({fills[g[0]] for g in placement.groups}) == 2
+    assert all(fills[j] == fills[g[0]] for g in placement.groups for j in g)
