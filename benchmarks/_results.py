@@ -1,5 +1,6 @@
 """Shared by the benchmark scripts: interleaved timing, and a results file with its README table."""
 import json
+import os
 import pathlib
 import platform
 import time
@@ -11,7 +12,9 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    """The machine and how busy it is: this one is shared, so absolute times are noise."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, load average {load}"
 
 
 def save(name: str, data: dict, table: str) -> None:
