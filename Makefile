@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+AARCH64 := $(CURDIR)/.cache/aarch64
 
 .PHONY: setup demo test bench clean
 
@@ -13,19 +14,23 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision first, pinned: on this machine pip takes them from local files.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,viz]'
-	command -v dot >/dev/null || (apt-get update -q && apt-get install -y -q graphviz) || \
-		echo "graphviz's dot is missing: pictures need it (apt-get install graphviz)"
+	$(PY) -m pip install -q -e '.[dev,viz,tvm]'
+	# Debian's programs: dot for pictures; an AArch64 cross compiler and qemu for Raspberry Pi builds.
+	command -v dot >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
+		(apt-get update -q && apt-get install -y -q graphviz g++-aarch64-linux-gnu qemu-user) || \
+		echo "could not install graphviz, g++-aarch64-linux-gnu, qemu-user: pictures and board builds need them"
+	# An AArch64 Python with TVM, run under qemu: the board-side runner's test (a Pi without a Pi).
+	PY=$(PY) sh tools/aarch64-python.sh $(AARCH64) || echo "no AArch64 python: the qemu test will skip"
 	touch $(STAMP)
 
 demo: setup
 	$(PY) -m pipecomp demo
 
 test: setup
-	$(PY) -m pytest -q -p no:cacheprovider
+	PIPECOMP_AARCH64_PYTHON=$(AARCH64)/python3 $(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
-	$(PY) benchmarks/bench_compiler.py
+	for b in compiler runtime table2 tvm; do $(PY) benchmarks/bench_$$b.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) .cache out

@@ -4,6 +4,7 @@
     pipecomp viz torchvision:densenet121 --parallel 7 -o densenet.svg --view timeline
     pipecomp demo --out out
     pipecomp pipeline torchvision:resnet18 --parallel 4 --procs 2 --check
+    pipecomp build torchvision:mobilenet_v2 --target rpi4 --parallel 2 --clocks halve -o out/mnv2
     torchrun --nproc-per-node 2 -m pipecomp pipeline torchvision:resnet18 --parallel 4
 
 MODEL is ``torchvision:NAME[,key=value...]`` (a classification or segmentation builder,
@@ -163,7 +164,36 @@ def _parser() -> argparse.ArgumentParser:
     pipe.add_argument("--frames", type=int, default=16, metavar="N")
     pipe.add_argument("--seed", type=int, default=0, help="weights seed: every rank builds the same model")
     pipe.add_argument("--check", action="store_true", help="compare the outputs with VideoNet.step")
+    build = sub.add_parser("build", help="compile MODEL with TVM for a board and export the program")
+    _model_options(build)
+    build.add_argument("--target", default="host", help="rpi4, jetson-nano, jetson-orin-nano, host, llvm, "
+                                                        "or a TVM target tag (default: host)")
+    build.add_argument("--tune", type=int, metavar="TRIALS", help="MetaSchedule measurements (needs --tuning-db)")
+    build.add_argument("--tuning-db", metavar="PATH", help="MetaSchedule database folder: its records are "
+                                                           "applied; with --tune, new ones are added")
+    build.add_argument("-o", "--output", required=True, metavar="FOLDER", help="where the program goes")
     return p
+
+
+def _build(args):
+    if args.tune is not None and (args.tuning_db is None or args.tune < 1):
+        raise UsageError("--tune TRIALS (>= 1) needs --tuning-db PATH, the folder that keeps what tuning measured")
+    try:
+        from .backends import tvm as tvm_backend
+        tvm_backend.resolve_target(args.target)
+    except (ImportError, ValueError) as e:
+        raise UsageError(str(e).splitlines()[0])
+    net = _compile(args).eval()
+    print(net.report())
+    _say(f"building for {args.target}" + (f", tuning {args.tune} trials" if args.tune else ""))
+    tuning = None if args.tuning_db is None else dict(trials=args.tune or 0, database=args.tuning_db)
+    try:
+        program = tvm_backend.build(net, args.target, tuning=tuning)
+        folder = program.export(args.output)
+    except (ValueError, RuntimeError) as e:  # e.g. no cross compiler, offline shift
+        raise UsageError(str(e).splitlines()[0], status=1)
+    print(f"wrote {folder}: {len(program.manifest['modules'])} modules for {program.manifest['target_name']} "
+          f"({program.manifest['arch']})\non the board (apache-tvm 0.27 and numpy): python3 {folder}/run.py {folder}")
 
 
 def _compile(args):
@@ -266,6 +296,8 @@ def main(argv=None) -> int:
             _viz(args)
         elif args.command == "pipeline":
             _pipeline(args)
+        elif args.command == "build":
+            _build(args)
         else:
             _demo(args)
     except UsageError as e:

@@ -5,7 +5,7 @@
 manifest, and `load(folder)` (or `python3 folder/run.py folder`, with only tvm and numpy)
 runs them. Needs Apache TVM 0.27: pip install 'pipecomp[tvm]'.
 """
-from .compiler import TARGETS, build
+from .compiler import TARGETS, build, resolve_target
 from .run import Program, load, validate
 
-__all__ = ["build", "load", "validate", "Program", "TARGETS"]
+__all__ = ["build", "load", "validate", "resolve_target", "Program", "TARGETS"]

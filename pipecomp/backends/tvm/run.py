@@ -59,6 +59,8 @@ class Program:
         stages = manifest["stages"]
         cores = os.cpu_count() or 1
         self.workers = max(1, min(len(stages), cores) if workers is None else min(workers, len(stages)))
+        if session is not None:
+            self.workers = 1  # an RPC session carries one call at a time
         self._of_tick = [_variant_of_tick(s) for s in stages]
         self._vms = None
         self._pool = None
@@ -111,7 +113,7 @@ class Program:
         if self.workers > 1:
             if self._pool is None:
                 share = max(1, (os.cpu_count() or 1) // self.workers)
-                self._pool = ThreadPoolExecutor(self.workers, "pipecomp-tvm-stage", _pin, (share, self.workers))
+                self._pool = ThreadPoolExecutor(self.workers, "pipecomp-tvm-stage", _pin, (share,))
             results = list(self._pool.map(lambda c: self._stage(*c), calls))
         else:
             results = [self._stage(*c) for c in calls]
@@ -361,7 +363,7 @@ def _host_arch():
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
 
 
-def _pin(share, workers):
+def _pin(share):
     """Each stage thread leads a TVM thread pool of its own (the pool is thread-local) on `share` cores."""
     index = int(threading.current_thread().name.rsplit("_", 1)[-1])
     cores = os.cpu_count() or 1

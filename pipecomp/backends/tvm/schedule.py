@@ -102,9 +102,15 @@ def tune(irmods: dict, target, trials: int, database: str):
     strategy = "evolutionary" if per_task >= EVOLUTIONARY_FROM else "replay-trace"
     contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
         todo, work_dir=database, strategy=strategy, num_threads=os.cpu_count() or 1)
-    ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=database, max_trials_global=trials,
-                  max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 64), database=db,
-                  builder=ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1), cost_model=_cost_model())
+    runner = ms.runner.LocalRunner()
+    try:
+        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=database, max_trials_global=trials,
+                      max_trials_per_task=per_task, num_trials_per_iter=min(per_task, 64), database=db,
+                      builder=ms.builder.LocalBuilder(max_workers=os.cpu_count() or 1, timeout_sec=120,
+                                                      f_build=_build_kernel()),
+                      runner=runner, cost_model=_cost_model())
+    finally:
+        runner.pool.shutdown()  # its worker process would outlive us otherwise
     for task in todo:
         db.commit_workload(task.dispatched[0])
     return db
@@ -116,6 +122,22 @@ def arch(target) -> str:
     triple = (host.attrs.get("mtriple") if host is not None else None) or \
         tvm.target.codegen.llvm_get_system_triple()
     return str(triple).split("-")[0]
+
+
+def _build_kernel():
+    """MetaSchedule's default_build without its `import tvm.s_tir.tensor_intrin`.
+
+    That import parses hundreds of TVMScript intrinsics (30-60 s on 2 cores) and the local
+    builder pays it in fresh worker processes for every batch of candidates, which then time
+    out. Float32 CPU kernels use no tensor intrinsics, and a candidate arrives already
+    scheduled. Defined in a function so that cloudpickle sends it by value: the worker then
+    imports tvm only, not pipecomp and torch.
+    """
+    def build(mod, target, _params):
+        from tvm.driver import build as tvm_build
+        from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+        return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+    return build
 
 
 def _cost_model() -> str:

@@ -1,0 +1,363 @@
+"""The TVM backend (backends/tvm/) gives what `net.step` gives, float32 to 1e-4 relative (semantics §7),
+after export and load, on an emulated Raspberry Pi, over RPC, and with tuned kernels."""
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.models as models
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+import pipecomp
+
+tvm = pytest.importorskip("tvm")
+from pipecomp.backends import tvm as backend  # noqa: E402
+from pipecomp.backends.tvm import compiler, run  # noqa: E402
+from pipecomp.lower import zero_state  # noqa: E402
+from tests.models import RandomNet  # noqa: E402
+
+RELATIVE = 1e-4
+TINY = [("conv", 0, 0), ("down", 1, 1), ("conv", 2, 2), ("add", 3, 2), ("cat", 4, 3), ("down", 5, 5), ("conv", 6, 6)]
+AARCH64_PYTHON = os.environ.get("PIPECOMP_AARCH64_PYTHON",
+                                str(Path.home() / ".cache/pipecomp/aarch64/python3"))  # tools/aarch64-python.sh
+
+
+class TinyResNet(nn.Module):
+    """Three residual blocks at three resolutions: shifts on every branch, periods 1, 2 and 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.layers = nn.Sequential(
+            BasicBlock(8, 8),
+            BasicBlock(8, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(8, 16, 1, stride=2), nn.BatchNorm2d(16))),
+            BasicBlock(16, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(16, 16, 1, stride=2), nn.BatchNorm2d(16))))
+        self.fc = nn.Linear(16, 5)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):  # statistics that are not the identity
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+
+    def forward(self, x):
+        return self.fc(self.layers(self.stem(x)).mean((2, 3)))
+
+
+def tiny_resnet(**options):
+    torch.manual_seed(0)
+    options = {"parallel": 3, "clocks": "halve", "shift": "online", **options}
+    return pipecomp.compile(TinyResNet().eval(), example_input=(1, 3, 16, 16), **options).eval()
+
+
+def tiny_dict():
+    torch.manual_seed(0)
+    return pipecomp.compile(RandomNet(TINY, dict_output=True).eval(), parallel=4, clocks="halve",
+                            example_input=(2, 3, 16, 16)).eval()
+
+
+NETS = {"resnet-shift": tiny_resnet, "dict-output": tiny_dict}
+
+
+@pytest.fixture(scope="module", params=list(NETS))
+def built(request):
+    net = NETS[request.param]()
+    with backend.build(net, "host", workers=2) as program:
+        yield net, program
+
+
+def frames(net, n, seed=0):
+    shape = net.plan.example_shape
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
+
+
+def reference(net, xs):
+    net.reset()
+    with torch.no_grad():
+        out = [torch.utils._pytree.tree_map(lambda t: t.numpy(), net.step(torch.from_numpy(x))) for x in xs]
+    net.reset()
+    return out
+
+
+def assert_close(got, want, relative=RELATIVE):
+    """Each tensor within `relative` times the largest magnitude of the reference's."""
+    assert len(got) == len(want)
+    for t, (g, w) in enumerate(zip(got, want)):
+        gs, ws = torch.utils._pytree.tree_leaves(g), torch.utils._pytree.tree_leaves(w)
+        assert torch.utils._pytree.tree_structure(g) == torch.utils._pytree.tree_structure(w), f"tick {t}"
+        for a, b in zip(gs, ws):
+            assert a.shape == b.shape and a.dtype == b.dtype, f"tick {t}"
+            assert np.abs(a - b).max() <= relative * max(np.abs(b).max(), 1e-12), f"tick {t}"
+
+
+def ticks_for(net):
+    return 2 * net.plan.hyperperiod + 1  # every clock phase, twice
+
+
+# -- what a program computes ------------------------------------------------------------------
+def test_program_matches_step(built):
+    net, program = built
+    xs = frames(net, ticks_for(net))
+    program.reset()
+    assert_close([program.step(x) for x in xs], reference(net, xs))
+
+
+def test_run_restarts_after_reset_and_workers_agree(built):
+    net, program = built
+    xs = frames(net, ticks_for(net), seed=1)
+    program.reset()
+    first = program.run(xs)
+    program.reset()
+    assert_close(program.run(xs), first, relative=0)
+    with run.Program(program.manifest, program._libraries, workers=1) as sequential:
+        assert_close(sequential.run(xs), first, relative=0)
+
+
+def test_frames_are_checked(built):
+    net, program = built
+    with pytest.raises(ValueError, match=r"compiled for float32 \[.*16, 16\]"):
+        program.step(np.zeros((1, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="float64"):
+        program.step(frames(net, 1)[0].astype(np.float64))
+
+
+def test_manifest_says_what_the_plan_says(built):
+    net, program = built
+    manifest, plan = program.manifest, net.plan
+    run.validate(manifest)
+    assert manifest["latency"] == plan.latency and manifest["parallel"] == plan.parallel
+    assert [b["name"] for b in manifest["state"]] == list(zero_state(plan, plan.example_shape[0], "cpu"))
+    for b in manifest["state"]:
+        assert b["stage"] == plan.stage_of[b["node"]] and b["init"] == "zeros"
+    for stage, step in zip(manifest["stages"], net._stages):
+        of_tick = [None] * stage["hyperperiod"]
+        for i, v in enumerate(stage["variants"]):
+            for t in v["ticks"]:
+                of_tick[t] = i
+        assert of_tick == step.variant_of_tick
+    for name, clock in manifest["clocks"].items():
+        assert (clock["period"], clock["phase"], clock["stage"]) == (
+            plan.period_of[name], plan.phase_of[name], plan.stage_of[name])
+
+
+def test_identical_tick_functions_share_a_module():
+    net = tiny_resnet()
+    step = next(s for s in net._stages if len(s.variants) > 1)
+    step.variants[1] = copy.deepcopy(step.variants[0])
+    manifest, irmods = compiler.lower(net)
+    variants = manifest["stages"][step.stage]["variants"]
+    assert variants[0]["module"] == variants[1]["module"] is not None
+    assert set(irmods) == set(manifest["modules"])
+
+
+# -- export, load, the runner -----------------------------------------------------------------
+def test_export_load_and_runner_round_trip(built, tmp_path):
+    net, program = built
+    folder = program.export(tmp_path / "program")
+    names = {p.name for p in folder.iterdir()}
+    assert {"manifest.json", "manifest.schema.json", "run.py"} <= names
+    assert {m["file"] for m in program.manifest["modules"].values()} <= names
+    xs = frames(net, ticks_for(net), seed=2)
+    program.reset()
+    want = program.run(xs)
+    with backend.load(folder) as loaded:
+        assert_close(loaded.run(xs), want, relative=0)
+
+    # The runner as on a board: its own copy, with torch and pipecomp impossible to import.
+    np.save(tmp_path / "frames.npy", xs)
+    code = ("import runpy, sys; sys.modules['torch'] = sys.modules['pipecomp'] = None; "
+            f"sys.argv = ['run.py', {str(folder)!r}, '--frames', {str(tmp_path / 'frames.npy')!r}, "
+            f"'--out', {str(tmp_path / 'out.npz')!r}]; runpy.run_path({str(folder / 'run.py')!r}, run_name='__main__')")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    assert_close(_runner_outputs(tmp_path / "out.npz", len(xs)), [_leaves(w) for w in want], relative=0)
+
+
+def _leaves(output):
+    return [np.asarray(x) for x in torch.utils._pytree.tree_leaves(output)]
+
+
+def _runner_outputs(path, ticks):
+    saved = np.load(path)
+    return [[saved[k] for k in sorted((k for k in saved.files if k.startswith(f"{t}_")),
+                                      key=lambda k: int(k.split("_")[1]))] for t in range(ticks)]
+
+
+def test_validate_names_what_is_wrong(built, tmp_path):
+    _, program = built
+    good = program.manifest
+
+    def broken(change):
+        m = json.loads(json.dumps(good))
+        change(m)
+        return m
+    with pytest.raises(ValueError, match="missing 'stages'"):
+        run.validate(broken(lambda m: m.pop("stages")))
+    with pytest.raises(ValueError, match=r"manifest.state\[0\].shape\[0\]: expected integer"):
+        run.validate(broken(lambda m: m["state"][0]["shape"].__setitem__(0, "B")))
+    with pytest.raises(ValueError, match="each of 0..*once"):
+        run.validate(broken(lambda m: m["stages"][0]["variants"][0]["ticks"].append(0)))
+    with pytest.raises(ValueError, match="not a state buffer"):
+        run.validate(broken(lambda m: m["stages"][0]["variants"][0]["writes"].update(nowhere={"state": "x"})))
+    with pytest.raises(ValueError, match="is missing from"):
+        run.validate(good, tmp_path)
+
+
+# -- errors a person can act on -----------------------------------------------------------------
+def test_refusals():
+    net = tiny_resnet(parallel=2)
+    with pytest.raises(ValueError, match="rpi4, jetson-nano, jetson-orin-nano"):
+        backend.build(net, "raspberry-pi-5")
+    with pytest.raises(ValueError, match="dict\\(trials=N, database=PATH\\)"):
+        backend.build(net, "host", tuning=dict(trials=3))
+    with pytest.raises(ValueError, match="shift='online'"):
+        backend.build(tiny_resnet(parallel=2, shift="offline"), "host")
+    with pytest.raises(ValueError, match="net.eval()"):
+        backend.build(copy.deepcopy(net).train(), "host")
+
+
+def test_missing_tvm_says_what_to_install():
+    code = "import sys; sys.modules['tvm'] = None; import pipecomp.backends.tvm"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "pip install 'pipecomp[tvm]'" in result.stderr
+
+
+def test_a_program_for_another_cpu_says_where_to_run_it(built):
+    net, program = built
+    elsewhere = run.Program({**program.manifest, "arch": "riscv64"}, program._libraries)
+    with pytest.raises(RuntimeError, match="export"):
+        elsewhere.step(frames(net, 1)[0])
+
+
+# -- a Raspberry Pi 4 without a Pi --------------------------------------------------------------
+needs_cross = pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None,
+                                 reason="apt-get install g++-aarch64-linux-gnu")
+
+
+@pytest.fixture(scope="module")
+def rpi4(tmp_path_factory):
+    net = tiny_resnet()
+    program = backend.build(net, "rpi4")
+    folder = program.export(tmp_path_factory.mktemp("rpi4") / "program")
+    return net, program, folder
+
+
+@needs_cross
+def test_rpi4_export_is_aarch64(rpi4):
+    _, program, folder = rpi4
+    assert program.manifest["target_name"] == "rpi4" and program.manifest["arch"] == "aarch64"
+    assert program.manifest["target"]["mcpu"] == "cortex-a72"
+    for module in program.manifest["modules"].values():
+        header = (folder / module["file"]).read_bytes()[:20]
+        assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+
+
+@needs_cross
+def test_rpi4_export_needs_the_cross_compiler(rpi4, monkeypatch, tmp_path):
+    _, program, _ = rpi4
+    monkeypatch.setattr(run.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="apt-get install g\\+\\+-aarch64-linux-gnu"):
+        program.export(tmp_path)
+
+
+@pytest.mark.slow
+@needs_cross
+@pytest.mark.skipif(not (shutil.which("qemu-aarch64") and os.access(AARCH64_PYTHON, os.X_OK)),
+                    reason="no emulated aarch64 python: run tools/aarch64-python.sh")
+def test_rpi4_program_runs_under_qemu_as_on_the_host(rpi4, tmp_path):
+    net, _, folder = rpi4
+    xs = frames(net, ticks_for(net), seed=3)
+    np.save(tmp_path / "frames.npy", xs)
+    subprocess.run([AARCH64_PYTHON, str(folder / "run.py"), str(folder), "--frames", str(tmp_path / "frames.npy"),
+                    "--out", str(tmp_path / "out.npz")], check=True, timeout=300)
+    host = backend.build(net, "host", workers=1)
+    assert_close(_runner_outputs(tmp_path / "out.npz", len(xs)), [_leaves(o) for o in host.run(xs)])
+
+
+# -- RPC on loopback -------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("built", ["resnet-shift"], indirect=True)
+def test_rpc_runs_an_exported_program(built, tmp_path):
+    net, program = built
+    folder = program.export(tmp_path / "program")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
+                               "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        session = _connect(port)
+        xs = frames(net, ticks_for(net), seed=4)
+        program.reset()
+        with backend.load(folder, session=session) as remote:
+            assert_close(remote.run(xs), program.run(xs), relative=0)
+    finally:
+        server.kill()
+        server.wait()
+
+
+def _connect(port, seconds=60):
+    from tvm import rpc
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return rpc.connect("127.0.0.1", port)
+        except Exception:  # the server is still starting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+# -- tuning ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_tuning_database_is_reused(tmp_path, monkeypatch):
+    pytest.importorskip("psutil")  # MetaSchedule needs it
+    torch.manual_seed(0)
+    net = pipecomp.compile(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval(),
+                           example_input=(1, 3, 16, 16)).eval()
+    tuning = dict(trials=1, database=tmp_path / "db")
+    tuned = backend.build(net, "host", tuning=tuning)
+    assert (tmp_path / "db" / "database_tuning_record.json").read_text().strip()
+    from tvm.s_tir import meta_schedule as ms
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("the second build tuned again")
+    monkeypatch.setattr(ms, "tune_tasks", no_tuning)
+    again = backend.build(net, "host", tuning=tuning)
+    xs = frames(net, 3)
+    assert_close(tuned.run(xs), reference(net, xs))
+    assert_close(again.run(xs), tuned.run(xs), relative=0)
+
+
+# -- torchvision models ----------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_torchvision_models_match_step(name):
+    torch.manual_seed(0)
+    net = pipecomp.compile(getattr(models, name)().eval(), parallel=2, clocks="halve", shift="online",
+                           example_input=(1, 3, 64, 64)).eval()
+    xs = frames(net, net.plan.hyperperiod + 1)  # tick 16: the head (period 16) fires on real features
+    with backend.build(net, "host") as program:
+        assert_close(program.run(xs), reference(net, xs))
+
+
+# -- the build subcommand --------------------------------------------------------------------
+def test_build_command_exports_a_program(tmp_path, capsys):
+    from pipecomp.cli import main
+
+    folder = tmp_path / "p"
+    model = ["torchvision:resnet18,num_classes=10", "--parallel", "3", "--shift", "online", "--input", "1,3,32,32"]
+    assert main(["build", *model, "-o", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "run.py" in out and "latency" in out
+    with backend.load(folder) as program:
+        assert program.manifest["parallel"] == 3 and program.manifest["input"]["shape"] == [1, 3, 32, 32]
+    assert main(["build", *model, "--tune", "8", "-o", str(tmp_path / "q")]) == 2
+    assert "--tuning-db" in capsys.readouterr().err
+    assert main(["build", *model, "--target", "pi5", "-o", str(tmp_path / "q")]) == 2
+    assert "rpi4" in capsys.readouterr().err
