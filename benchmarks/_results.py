@@ -22,12 +22,7 @@ def save(name: str, data: dict, table: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(table + "\n")
-    readme = ROOT / "README.md"
-    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    text = readme.read_text()
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        readme.write_text(f"{head}{begin}\n{table}\n{end}{rest.split(end, 1)[1]}")
+    fill_readme(name, table)
     print(table)
 
 
@@ -48,3 +43,18 @@ def timed(fns, rounds, *, best=False, which=None):
     if which is not None:
         which[:] = picked
     return [ts[i] for ts, i in zip(times, picked)]
+
+
+def fill_readme(name: str, table: str) -> None:
+    readme = ROOT / "README.md"
+    begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = readme.read_text()
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        readme.write_text(f"{head}{begin}\n{table}\n{end}{rest.split(end, 1)[1]}")
+
+
+if __name__ == "__main__":
+    # Refresh the README's tables from the latest results files, without re-running anything.
+    for md in sorted(RESULTS.glob("*.md")):
+        fill_readme(md.stem, md.read_text().strip())
