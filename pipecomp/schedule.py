@@ -19,6 +19,7 @@ import torch
 
 
 from .lower import tick_flops, zero_state
+from .plan import _si
 
 _PROFILE_CALLS = 5  # timed calls per stage variant after one warm-up; the median is kept
 
@@ -62,7 +63,7 @@ class Placement:
         return statistics.fmean(sum(c) for c in zip(*self.costs))
 
     def table(self) -> str:
-        fmt = _seconds if self.unit == "s" else _flops
+        fmt = _seconds if self.unit == "s" else _si
         rows = [("worker", "device", "threads", "stages", "average tick", "worst tick", "busy")]
         for w, (g, cost) in enumerate(zip(self.groups, self.worker_costs())):
             stages = f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0])
@@ -232,13 +233,6 @@ def _best_groups(costs, n) -> list:
     search(0, min(n, k), [0.0] * hyper, [])
     bounds = [0, *best[1], k]
     return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
-
-
-def _flops(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.2f}{unit}"
-    return f"{x:.0f}"
 
 
 def _seconds(x: float) -> str:
