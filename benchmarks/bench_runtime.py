@@ -78,7 +78,7 @@ def resnet50(net, frames, repeats=5):
     median = []
     try:
         seq2, seq1, *pipes = (t / len(frames) for t in timed(
-            [sequential(2), sequential(1)] + [pipelined(rt) for rt in runtimes.values()], repeats, median))
+            [sequential(2), sequential(1)] + [pipelined(rt) for rt in runtimes.values()], repeats, which=median))
     finally:
         for rt in runtimes.values():
             rt.close()
