@@ -258,6 +258,18 @@ def test_rpi4_export_is_aarch64(rpi4):
 
 
 @needs_cross
+def test_jetson_cpu_variant_builds_for_its_arm_cores_and_gpu_builds_say_what_is_unchecked(tmp_path):
+    net = tiny_resnet()
+    program = backend.build(net, "jetson-orin-nano-cpu")
+    assert program.manifest["arch"] == "aarch64" and program.manifest["target"]["mcpu"] == "cortex-a78"
+    folder = program.export(tmp_path / "orin")
+    module = next(iter(program.manifest["modules"].values()))
+    assert (folder / module["file"]).read_bytes()[:4] == b"\x7fELF"
+    with pytest.warns(UserWarning, match="jetson-orin-nano-cpu"):
+        backend.build(net, "jetson-orin-nano")
+
+
+@needs_cross
 def test_rpi4_export_needs_the_cross_compiler(rpi4, monkeypatch, tmp_path):
     _, program, _ = rpi4
     monkeypatch.setattr(run.shutil, "which", lambda name: None)

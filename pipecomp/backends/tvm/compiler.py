@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import operator
 import os
+import warnings
 
 import torch
 import torch.fx as fx
@@ -30,13 +31,20 @@ TARGETS = {
 }
 # The jetson-nano tag has no host target; its CPU is a 4-core Cortex-A57.
 _HOSTS = {"jetson-nano": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a57", "num-cores": 4}}
+#: The Jetsons' ARM cores alone: what runs on a board when its GPU code cannot be built.
+CPU_TARGETS = {
+    "jetson-nano-cpu": _HOSTS["jetson-nano"],
+    "jetson-orin-nano-cpu": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "num-cores": 6},
+}
 
 
 def build(net: VideoNet, target="host", *, tuning=None, workers=None) -> Program:
     """Compile every stage variant of `net` with TVM for `target`; the result steps like `net`.
 
     `target`: "host" (this CPU), "llvm" (generic CPU code for this machine's triple), a short
-    name (rpi4, jetson-nano, jetson-orin-nano), a TVM tag or a `tvm.target.Target`.
+    name (rpi4, jetson-nano, jetson-orin-nano; jetson-nano-cpu and jetson-orin-nano-cpu for
+    their ARM cores alone), a TVM tag or a `tvm.target.Target`. A CUDA target warns that
+    its GPU kernels are compiled only on the board, unchecked here.
     `tuning=dict(trials=N, database=PATH)` runs MetaSchedule on this machine for at most N
     measurements and keeps the records in the folder PATH; a later build with the same
     database applies them and tunes only kernels it has never seen. Without it, kernels
@@ -44,6 +52,11 @@ def build(net: VideoNet, target="host", *, tuning=None, workers=None) -> Program
     returned `Program` (default: one per stage while cores last).
     """
     tgt, name = resolve_target(target)
+    if tgt.kind.name == "cuda":
+        warnings.warn(
+            f"{name}: the GPU kernels are exported as CUDA C source, which TVM compiles when the board "
+            f"loads them; that step has not been run or checked on this machine (no CUDA toolkit or GPU). "
+            f"For code built and tested here, use target='{name}-cpu' (the board's ARM cores)", stacklevel=2)
     manifest, irmods = lower(net)
     libraries = schedule.compile_all(irmods, tgt, tuning)
     manifest = {"format": FORMAT, "tvm_version": tvm.__version__, "target_name": name,
@@ -113,12 +126,15 @@ def resolve_target(target):
         here = json.loads(str(tvm.target.Target.from_device("cpu")))
         return tvm.target.Target({**here, "num-cores": os.cpu_count() or 1}), "host"
     try:
+        if target in CPU_TARGETS:
+            return tvm.target.Target(CPU_TARGETS[target]), target
         if target in TARGETS:
             host = _HOSTS.get(target)
             return tvm.target.Target(TARGETS[target], host), target
         return tvm.target.Target(target), target
     except Exception as e:  # TVM raises ValueError or its own errors for unknown kinds and tags
-        raise ValueError(f"unknown target {target!r}: use a short name ({', '.join(TARGETS)}), 'host', 'llvm', "
+        raise ValueError(f"unknown target {target!r}: use a short name ({', '.join([*TARGETS, *CPU_TARGETS])}), "
+                         f"'host', 'llvm', "
                          f"a TVM tag (tvm.target.list_tags()) or a tvm.target.Target") from e
 
 
