@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -42,8 +43,9 @@ class Plan:
         return dataclasses.replace(self, **changes)
 
     def node(self, name: str) -> fx.Node:
-        return self._nodes()[name]
+        return self._nodes[name]
 
+    @functools.cached_property
     def _nodes(self):
         return {n.name: n for n in self.graph.nodes}
 

@@ -24,12 +24,21 @@ def _frames(n, batch=2):
     return [torch.randn(batch, 3, SIZE, SIZE) for _ in range(n)]
 
 
-def test_rejected_frames_change_no_state(net):
-    frames = _frames(6)
+def _with_interruption(net, frames, at, interrupt):
+    """Outputs of a stream that runs `interrupt()` before frame `at`, and of one that does not."""
     with torch.no_grad():
         want = [net.step(x) for x in frames]
         net.reset()
-        got = [net.step(x) for x in frames[:3]]
+        got = [net.step(x) for x in frames[:at]]
+        interrupt()
+        got += [net.step(x) for x in frames[at:]]
+    return got, want
+
+
+def test_rejected_frames_change_no_state(net):
+    frames = _frames(6)
+
+    def reject():
         with pytest.raises(ValueError, match=r"expected \[B, 3, 64, 64\]"):
             net.step(torch.randn(2, 3, 32, 32))
         with pytest.raises(ValueError, match="batch size 1.*started with 2"):
@@ -38,32 +47,23 @@ def test_rejected_frames_change_no_state(net):
             net.step(frames[3].double())
         with pytest.raises(TypeError):
             net.step(frames[3].numpy())
-        got += [net.step(x) for x in frames[3:]]
+    got, want = _with_interruption(net, frames, 3, reject)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_a_failing_computation_changes_no_state(net, monkeypatch):
-    frames = _frames(5)
-    with torch.no_grad():
-        want = [net.step(x) for x in frames]
-        net.reset()
-        got = [net.step(x) for x in frames[:2]]
+    def fail():
         monkeypatch.setattr(net.layer1[0].conv1, "forward", lambda x: 1 / 0)
         with pytest.raises(ZeroDivisionError):
-            net.step(frames[2])  # layer1 ticks every 2 frames: tick 2 fires it
+            net.step(torch.randn(2, 3, SIZE, SIZE))  # layer1 ticks every 2 frames: tick 2 fires it
         monkeypatch.undo()
-        got += [net.step(x) for x in frames[2:]]
+    got, want = _with_interruption(net, _frames(5), 2, fail)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_clip_leaves_the_stream_alone(net):
     frames = _frames(4)
-    with torch.no_grad():
-        want = [net.step(x) for x in frames]
-        net.reset()
-        got = [net.step(x) for x in frames[:2]]
-        net(torch.stack(frames, 1))
-        got += [net.step(x) for x in frames[2:]]
+    got, want = _with_interruption(net, frames, 2, lambda: net(torch.stack(frames, 1)))
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 

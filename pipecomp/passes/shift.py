@@ -53,8 +53,8 @@ def insert_shifts(plan: Plan, mode: str | None, fraction: float, place: str) -> 
     """
     if mode is None:
         return plan
-    blocks = residual_blocks(plan.module, plan.graph)
     if place == "residual":
+        blocks = residual_blocks(plan.module, plan.graph)
         if not blocks:
             raise CompileError(
                 f"{type(plan.module).__name__} has no residual blocks, so shift_place='residual' "
