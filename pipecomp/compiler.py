@@ -1,6 +1,7 @@
 """`pipecomp.compile`: trace → analyses → passes → plan → lowering."""
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -67,9 +68,8 @@ def _costs(plan: Plan, stages) -> Plan:
         if n.op == "call_module":
             tensors = list(plan.module.get_submodule(n.target).parameters())
         elif n.op == "get_attr":
-            obj = plan.module.get_parameter(n.target) if isinstance(
-                getattr(plan.module, n.target, None), nn.Parameter) else None
-            tensors = [obj] if obj is not None else []
+            obj = functools.reduce(getattr, n.target.split("."), plan.module)  # nested: convnext's layer_scale
+            tensors = [obj] if isinstance(obj, nn.Parameter) else []
         for t in tensors:
             if id(t) not in seen:
                 seen.add(id(t))

@@ -193,3 +193,9 @@ def test_compiling_leaves_the_model_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pipecomp.compile(model, parallel=2, example_input=(1, 3, 32, 32))
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_report_counts_every_parameter_once():
+    model = tvm.convnext_tiny()  # its layer scales are parameters read by get_attr nodes
+    net = pipecomp.compile(model, parallel=3, example_input=(1, 3, 64, 64))
+    assert sum(net.plan.stage_params) == sum(p.numel() for p in model.parameters())
