@@ -156,6 +156,44 @@ def test_identical_tick_functions_share_a_module():
     assert set(irmods) == set(manifest["modules"])
 
 
+class ConvNorms(nn.Module):
+    """conv -> bn twice; the first convolution's output is also returned, so its norm must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        return y, self.bn2(self.conv2(self.bn1(y)))
+
+
+def test_batch_norms_fold_into_the_convolutions_they_alone_read():
+    torch.manual_seed(0)
+    model = ConvNorms().eval()
+    before = copy.deepcopy(model.state_dict())
+    gm = torch.fx.symbolic_trace(model)
+    folded = compiler._fold_batch_norms(gm)
+    called = [n.target for n in folded.graph.nodes if n.op == "call_module"]
+    assert called == ["conv1", "bn1", "conv2"]  # conv1's output is returned too: bn1 stays
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        for a, b in zip(folded(x), model(x)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the model's own weights are untouched
+
+
+def test_tvm_modules_of_a_resnet_have_no_batch_norm_left():
+    net = tiny_resnet(parallel=1, clocks=None)
+    _, irmods = compiler.lower(net)
+    (mod,) = irmods.values()
+    assert "conv2d" in mod.script() and "batch_norm" not in mod.script()
+
+
 # -- export, load, the runner -----------------------------------------------------------------
 def test_export_load_and_runner_round_trip(built, tmp_path):
     net, program = built

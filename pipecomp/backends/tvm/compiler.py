@@ -193,6 +193,53 @@ def _split(gm: fx.GraphModule, frame, state):
     return fx.GraphModule(gm, flat, "TickTensors"), variant, example
 
 
+def _fold_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` with each batch norm that alone reads a convolution folded into its weights (eval mode).
+
+    TVM imports a batch norm as an op of its own that does not fuse with the convolution
+    before it: one more kernel, and one more pass over the tensor, per convolution. A pair is
+    folded only where the convolution's output goes nowhere else (not into a register, say)
+    and each module is called once; the folded convolutions are copies, the net is untouched.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    graph = fx.Graph()
+    env = graph.graph_copy(gm.graph, {})
+    graph.output(env)
+    calls = {}
+    for n in graph.nodes:
+        if n.op == "call_module":
+            calls[n.target] = calls.get(n.target, 0) + 1
+    root = {}
+    for n in graph.nodes:
+        if n.op in ("call_module", "get_attr"):
+            root[n.target] = gm.get_submodule(n.target) if n.op == "call_module" else _attr(gm, n.target)
+    for bn in list(graph.nodes):
+        conv = bn.args[0] if bn.op == "call_module" and bn.args else None
+        if not (isinstance(conv, fx.Node) and conv.op == "call_module" and len(conv.users) == 1
+                and len(bn.args) == 1 and not bn.kwargs and calls[bn.target] == calls[conv.target] == 1):
+            continue
+        norm, convolution = root[bn.target], root[conv.target]
+        if not (type(convolution) in _CONV_BN and isinstance(norm, _CONV_BN[type(convolution)])
+                and norm.running_mean is not None and not norm.training and not convolution.training):
+            continue
+        root[conv.target] = fuse_conv_bn_eval(convolution, norm)
+        bn.replace_all_uses_with(conv)
+        graph.erase_node(bn)
+        del root[bn.target]
+    return fx.GraphModule(root, graph, type(gm).__name__)
+
+
+_CONV_BN = {torch.nn.Conv1d: torch.nn.BatchNorm1d, torch.nn.Conv2d: torch.nn.BatchNorm2d,
+            torch.nn.Conv3d: torch.nn.BatchNorm3d}
+
+
+def _attr(module, target: str):
+    for name in target.split("."):
+        module = getattr(module, name)
+    return module
+
+
 def _tree(a, value, ref):
     """The manifest form of an output structure: containers as they are, tensors as wires."""
     if isinstance(a, tuple):
@@ -235,7 +282,7 @@ def _signature(inputs, example, outputs):
 
 def _import(flat: fx.GraphModule, example):
     from tvm.relax.frontend.torch import from_exported_program
-    program = torch.export.export(flat, example)
+    program = torch.export.export(_fold_batch_norms(flat), example)
     return from_exported_program(program)
 
 
