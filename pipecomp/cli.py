@@ -171,6 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--tune", type=int, metavar="TRIALS", help="MetaSchedule measurements (needs --tuning-db)")
     build.add_argument("--tuning-db", metavar="PATH", help="MetaSchedule database folder: its records are "
                                                            "applied; with --tune, new ones are added")
+    build.add_argument("--tune-tracker", metavar="HOST:PORT", help="measure on a board: the TVM RPC tracker "
+                                                                   "its rpc_server registered with (needs --tune-key)")
+    build.add_argument("--tune-key", metavar="KEY", help="the key the board's rpc_server registered under")
     build.add_argument("-o", "--output", required=True, metavar="FOLDER", help="where the program goes")
     return p
 
@@ -178,6 +181,9 @@ def _parser() -> argparse.ArgumentParser:
 def _build(args):
     if args.tune is not None and (args.tuning_db is None or args.tune < 1):
         raise UsageError("--tune TRIALS (>= 1) needs --tuning-db PATH, the folder that keeps what tuning measured")
+    if (args.tune_tracker is None) != (args.tune_key is None) or (args.tune_tracker and args.tune is None):
+        raise UsageError("--tune-tracker HOST:PORT and --tune-key KEY go together, with --tune TRIALS: the board's "
+                         "rpc_server registered with that tracker under that key")
     try:
         from .backends import tvm as tvm_backend
         tvm_backend.resolve_target(args.target)
@@ -187,6 +193,8 @@ def _build(args):
     print(net.report())
     _say(f"building for {args.target}" + (f", tuning {args.tune} trials" if args.tune else ""))
     tuning = None if args.tuning_db is None else dict(trials=args.tune or 0, database=args.tuning_db)
+    if args.tune_tracker:
+        tuning.update(tracker=args.tune_tracker, key=args.tune_key)
     try:
         program = tvm_backend.build(net, args.target, tuning=tuning)
         folder = program.export(args.output)

@@ -26,14 +26,22 @@ apt-get download python3.11-minimal:arm64 libpython3.11-minimal:arm64 libpython3
   libselinux1:arm64 libzstd1:arm64 media-types
 for d in *.deb; do dpkg -x "$d" "$DIR/root"; done
 # apache-tvm-ffi 0.1.15 makes TVM 0.27 segfault when it serializes IR; the runtime is pinned to
-# the same version as on the host.
+# the same version as on the host. cloudpickle and psutil: TVM's RPC server (the board's end of
+# tuning over RPC) runs its sessions in a worker process that needs them.
 $PY -m pip download -q --platform manylinux_2_28_aarch64 --only-binary=:all: --python-version 3.11 \
-  --implementation cp -d "$DIR/wheels" 'apache-tvm==0.27.*' 'apache-tvm-ffi==0.1.14.post1' numpy
+  --implementation cp -d "$DIR/wheels" 'apache-tvm==0.27.*' 'apache-tvm-ffi==0.1.14.post1' numpy cloudpickle psutil
 $PY -m pip install -q --upgrade --no-deps --no-index --target "$DIR/site" --platform manylinux_2_28_aarch64 \
   --only-binary=:all: --python-version 3.11 --implementation cp "$DIR"/wheels/*.whl
 cat > "$DIR/python3" <<WRAP
 #!/bin/sh
-exec qemu-aarch64 -L "$DIR/root" -E PYTHONPATH="$DIR/site" "$DIR/root/usr/bin/python3.11" "\$@"
+exec qemu-aarch64 -L "$DIR/root" -E PYTHONPATH="$DIR/site" -E PIPECOMP_EXECUTABLE="$DIR/python3" \
+  "$DIR/root/usr/bin/python3.11" "\$@"
 WRAP
+# The emulated python's sys.executable is the aarch64 binary, which this machine cannot exec;
+# subprocesses it starts (TVM's RPC server runs its sessions in one) must go through the wrapper.
+cat > "$DIR/site/sitecustomize.py" <<SITE
+import os, sys
+sys.executable = os.environ.get("PIPECOMP_EXECUTABLE", sys.executable)
+SITE
 chmod +x "$DIR/python3"
-"$DIR/python3" -c "import platform, tvm, numpy; print(platform.machine(), 'python', platform.python_version(), 'tvm', tvm.__version__)"
+"$DIR/python3" -c "import platform, tvm, numpy, cloudpickle, psutil; print(platform.machine(), 'python', platform.python_version(), 'tvm', tvm.__version__)"

@@ -1,7 +1,9 @@
 """The TVM backend (backends/tvm/) gives what `net.step` gives, float32 to 1e-4 relative (semantics §7),
 after export and load, on an emulated Raspberry Pi, over RPC, and with tuned kernels."""
+import contextlib
 import copy
 import json
+import logging
 import os
 import shutil
 import socket
@@ -253,6 +255,10 @@ def test_refusals():
         backend.build(net, "raspberry-pi-5")
     with pytest.raises(ValueError, match="dict\\(trials=N, database=PATH\\)"):
         backend.build(net, "host", tuning=dict(trials=3))
+    with pytest.raises(ValueError, match="tracker and key go together"):
+        backend.build(net, "host", tuning=dict(trials=3, database="db", tracker="127.0.0.1:9190"))
+    with pytest.raises(ValueError, match="'HOST:PORT'"):
+        backend.build(net, "host", tuning=dict(trials=3, database="db", tracker="9190", key="rpi4"))
     with pytest.raises(ValueError, match="shift='online'"):
         backend.build(tiny_resnet(parallel=2, shift="offline"), "host")
     with pytest.raises(ValueError, match="net.eval()"):
@@ -384,6 +390,101 @@ def test_tuning_database_is_reused(tmp_path, monkeypatch):
     assert_close(again.run(xs), tuned.run(xs), relative=0)
 
 
+@contextlib.contextmanager
+def rpc_tracker(python, key):
+    """A TVM RPC tracker on loopback and a server registered with it under `key`, run by `python`."""
+    tracker_port, server_port = _free_port(), _free_port()
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                "--port", str(tracker_port), "--port-end", str(tracker_port + 1)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        _wait_for_port(tracker_port, tracker)
+        server = subprocess.Popen([python, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1",
+                                   "--port", str(server_port), "--port-end", str(server_port + 1),
+                                   "--tracker", f"127.0.0.1:{tracker_port}", "--key", key],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        from tvm import rpc
+        deadline = time.monotonic() + 120
+        while key not in rpc.connect_tracker("127.0.0.1", tracker_port).text_summary():
+            assert server.poll() is None and time.monotonic() < deadline, "the RPC server did not register"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{tracker_port}"
+    finally:
+        for p in (server, tracker):
+            if p is not None:
+                p.kill()
+                p.wait()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port, process, seconds=60):
+    deadline = time.monotonic() + seconds
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert process.poll() is None, f"{process.args} exited with {process.returncode}"
+        assert time.monotonic() < deadline, f"nothing listens on port {port}"
+        time.sleep(0.2)
+
+
+def _measured(database):
+    """The run times MetaSchedule recorded in `database`, per record (failed runs count 1e10 s)."""
+    from tvm.s_tir import meta_schedule as ms
+    records = ms.database.JSONDatabase(work_dir=str(database)).get_all_tuning_records()
+    return [[float(t) for t in r.run_secs] for r in records if r.run_secs is not None]
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return pipecomp.compile(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()).eval(),
+                            example_input=(1, 3, 16, 16)).eval()
+
+
+@pytest.mark.slow
+def test_tuning_measures_through_an_rpc_tracker(tmp_path):
+    pytest.importorskip("psutil")
+    net = conv_net()
+    # A handler without a name on MetaSchedule's logger (pytest attaches such) broke TVM's logging set-up.
+    logger, unnamed = logging.getLogger("tvm.s_tir.meta_schedule"), logging.NullHandler()
+    logger.addHandler(unnamed)
+    with rpc_tracker(sys.executable, "pipecomp-host") as tracker:
+        tuned = backend.build(net, "host", tuning=dict(trials=2, database=tmp_path / "db", tracker=tracker,
+                                                       key="pipecomp-host"))
+    assert unnamed in logger.handlers
+    logger.removeHandler(unnamed)
+    measured = _measured(tmp_path / "db")
+    assert measured and all(0 < t < 1 for times in measured for t in times)  # real run times, no failures
+    xs = frames(net, 3)
+    assert_close(tuned.run(xs), reference(net, xs))
+
+
+@pytest.mark.slow
+@needs_cross
+@pytest.mark.skipif(not (shutil.which("qemu-aarch64") and os.access(AARCH64_PYTHON, os.X_OK)),
+                    reason="no emulated aarch64 python: run tools/aarch64-python.sh")
+def test_rpi4_kernels_are_tuned_on_the_board_over_rpc(tmp_path):
+    """The board is the emulated aarch64 Python: candidates are cross-compiled here and timed there."""
+    pytest.importorskip("psutil")
+    net = conv_net()
+    tuning = dict(trials=2, database=tmp_path / "db")
+    with pytest.raises(ValueError, match="tracker='HOST:PORT'"):
+        backend.build(net, "rpi4", tuning=tuning)
+    with rpc_tracker(AARCH64_PYTHON, "rpi4") as tracker:
+        backend.build(net, "rpi4", tuning=dict(tuning, tracker=tracker, key="rpi4"))
+    measured = _measured(tmp_path / "db")
+    assert measured and all(0 < t < 1 for times in measured for t in times)
+    # The records are for the board's target, and a build for it applies them without a board.
+    program = backend.build(net, "rpi4", tuning=dict(trials=0, database=tmp_path / "db"))
+    assert program.manifest["arch"] == "aarch64"
+
+
 # -- torchvision models ----------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
@@ -409,5 +510,8 @@ def test_build_command_exports_a_program(tmp_path, capsys):
         assert program.manifest["parallel"] == 3 and program.manifest["input"]["shape"] == [1, 3, 32, 32]
     assert main(["build", *model, "--tune", "8", "-o", str(tmp_path / "q")]) == 2
     assert "--tuning-db" in capsys.readouterr().err
+    assert main(["build", *model, "--tune", "8", "--tuning-db", str(tmp_path / "db"), "--tune-tracker",
+                 "127.0.0.1:9190", "-o", str(tmp_path / "q")]) == 2
+    assert "--tune-key" in capsys.readouterr().err
     assert main(["build", *model, "--target", "pi5", "-o", str(tmp_path / "q")]) == 2
     assert "rpi4" in capsys.readouterr().err

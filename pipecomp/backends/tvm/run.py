@@ -373,15 +373,22 @@ def _pin(share):
 
 def _linker(manifest):
     """How export links a library: the system compiler, or a cross compiler for another arch."""
-    arch = manifest["arch"]
+    gxx = _cross_gxx(manifest["arch"], f"exporting for {manifest['arch']} ({manifest['target_name']})")
+    if gxx is None:
+        return None
+    from tvm.support import cc
+    return cc.cross_compiler(gxx)
+
+
+def _cross_gxx(arch: str, doing: str):
+    """The C++ compiler that links shared libraries for `arch`: None for this machine's own."""
     if arch == _host_arch():
         return None
     gxx = f"{arch}-linux-gnu-g++"
     if shutil.which(gxx) is None:
-        raise RuntimeError(f"exporting for {arch} ({manifest['target_name']}) links with the cross compiler "
-                           f"{gxx}, which is not on PATH: apt-get install g++-{arch.replace('_', '-')}-linux-gnu")
-    from tvm.support import cc
-    return cc.cross_compiler(gxx)
+        raise RuntimeError(f"{doing} links with the cross compiler {gxx}, which is not on PATH: "
+                           f"apt-get install g++-{arch.replace('_', '-')}-linux-gnu")
+    return gxx
 
 
 def main(argv=None):
