@@ -20,7 +20,7 @@ import torch.fx as fx
 from ...analysis import COMPUTE_OPS
 from ...lower import firing, zero_state
 from ...videonet import VideoNet
-from . import schedule
+from . import cuda, schedule
 from .run import FORMAT, Program, tvm
 
 #: Short names for boards, and the TVM tags they stand for.
@@ -52,13 +52,19 @@ def build(net: VideoNet, target="host", *, tuning=None, workers=None) -> Program
     returned `Program` (default: one per stage while cores last).
     """
     tgt, name = resolve_target(target)
-    if tgt.kind.name == "cuda":
-        warnings.warn(
-            f"{name}: the GPU kernels are exported as CUDA C source, which TVM compiles when the board "
-            f"loads them; that step has not been run or checked on this machine (no CUDA toolkit or GPU). "
-            f"For code built and tested here, use target='{name}-cpu' (the board's ARM cores)", stacklevel=2)
     manifest, irmods = lower(net)
     libraries = schedule.compile_all(irmods, tgt, tuning)
+    if tgt.kind.name == "cuda":
+        try:
+            checked = (f"here their CUDA C compiled ({cuda.compile_check(libraries, tgt)}), but no kernel has "
+                       f"run: this machine has no GPU")
+        except cuda.CudaUnchecked as e:
+            checked = f"that could not be checked here: {e}"
+        warnings.warn(
+            f"{name}: the GPU kernels are exported as CUDA C source, which TVM compiles with NVRTC when the "
+            f"board loads them (the board needs pip install cuda-bindings and the CUDA headers); {checked}. "
+            f"For code built and run here (under qemu), use target='{name}-cpu' (the board's ARM cores)",
+            stacklevel=2)
     manifest = {"format": FORMAT, "tvm_version": tvm.__version__, "target_name": name,
                 "target": json.loads(str(tgt)), "arch": schedule.arch(tgt), **manifest}
     return Program(manifest, libraries, workers=workers)

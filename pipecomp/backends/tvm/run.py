@@ -190,6 +190,8 @@ def load(folder, device="cpu", *, session=None, workers=None) -> Program:
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
     validate(manifest, folder)
+    if manifest["target"].get("kind") == "cuda" and session is None:
+        _cuda_compiler()
     libraries, files = {}, {}
     for name, module in manifest["modules"].items():
         path = folder / module["file"]
@@ -200,6 +202,18 @@ def load(folder, device="cpu", *, session=None, workers=None) -> Program:
             session.upload(str(path))
             libraries[name] = session.load_module(module["file"])
     return Program(manifest, libraries, device, session=session, workers=workers, files=files)
+
+
+def _cuda_compiler():
+    """TVM keeps GPU kernels as CUDA C and compiles them at load, through a callback that
+    `tvm.support.nvcc` registers (NVRTC through cuda-bindings)."""
+    try:
+        import tvm.support.nvcc  # noqa: F401
+        import cuda.bindings.nvrtc  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(f"this program's GPU kernels are CUDA C that TVM compiles with NVRTC when it loads them, "
+                           f"and {e.name} is missing: pip install cuda-bindings (and a CUDA toolkit's headers, "
+                           f"or set CUDA_PATH)") from e
 
 
 # -- manifest -----------------------------------------------------------------------------
