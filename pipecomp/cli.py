@@ -133,6 +133,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clocks", choices=("halve", "none"), default="none",
                    help="halve: the period doubles every time the resolution halves")
     p.add_argument("--max-period", type=int, metavar="N")
+    p.add_argument("--phases", choices=("zero", "align"), default="zero",
+                   help="align: each slow node fires when its inputs' new values reach it (fresher outputs)")
     p.add_argument("--shift", choices=("online", "offline"), help="insert temporal shift (TSM) nodes")
     p.add_argument("--shift-place", choices=("residual", "inplace"), default="residual")
     p.add_argument("--cuts", type=lambda s: [c for c in s.split(",") if c], metavar="A,B",
@@ -213,7 +215,7 @@ def _compile(args):
     try:
         return pipecomp.compile(
             model, parallel=args.parallel, delays=args.delays, clocks=None if args.clocks == "none" else "halve",
-            max_period=args.max_period, shift=args.shift, shift_place=args.shift_place, cuts=args.cuts,
+            max_period=args.max_period, phases=args.phases, shift=args.shift, shift_place=args.shift_place, cuts=args.cuts,
             example_input=args.input)
     except (ValueError, TypeError) as e:  # CompileError is a ValueError
         raise UsageError(str(e).splitlines()[0])

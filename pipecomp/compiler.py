@@ -88,7 +88,7 @@ def _check_batch_axes(plan: Plan):
 
 
 def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", clocks=None,
-            max_period: int | None = None, shift: str | None = None, shift_fraction: float = 1 / 8,
+            max_period: int | None = None, phases: str = "zero", shift: str | None = None, shift_fraction: float = 1 / 8,
             shift_place: str = "residual", cuts=None, example_input=(1, 3, 224, 224),
             leaf_modules=()) -> VideoNet:
     """Compile an image model into a pipelined, causal video network.
@@ -96,11 +96,14 @@ def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", cl
     `parallel` stages (or explicit `cuts`), `delays` ("diagonal": depth-parallel with
     temporal skips, *Massively Parallel Video Networks* fig. 1; "aligned": classic
     pipelining), `clocks` (multi-rate, sec. 3.1; "halve" doubles the period every time the
-    resolution halves), `shift` (TSM, online or offline). The contract is semantics.md.
+    resolution halves; `phases="align"` fires each slow node when its inputs' new values reach
+    it: fresher outputs, and the slow work spread over the ticks), `shift` (TSM, online or
+    offline). The contract is semantics.md.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile() takes an nn.Module, got {type(model).__name__}")
     _check_options(parallel, delays, clocks, max_period, shift, shift_fraction, shift_place, cuts)
+    _choice("phases", phases, passes.PHASES)
     example = _example(example_input)
     gm = trace(model, leaf_modules)
     annotate(gm, example)
@@ -110,6 +113,7 @@ def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", cl
     plan = passes.assign_clocks(plan, clocks, max_period)
     plan = passes.partition(plan, parallel, cuts)
     plan = passes.assign_delays(plan, delays)
+    plan = passes.assign_phases(plan, phases)
     plan = passes.allocate_state(plan)
     net = VideoNet(model, plan)
     # Costs are those of the lowered tick functions, which leave out firings nobody reads.

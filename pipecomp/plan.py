@@ -26,6 +26,7 @@ class Plan:
     delay_of: dict = field(default_factory=dict)
     period_of: dict = field(default_factory=dict)
     phase_of: dict = field(default_factory=dict)
+    phases: str = "zero"
     shift_nodes: tuple = ()
     #: register depth of every tensor node that has one: name -> D (registers name_d1..name_dD)
     registers: dict = field(default_factory=dict)
@@ -90,7 +91,8 @@ class Plan:
         out += [
             f"parallel={self.parallel}, delays={self.delays}{shifts}, input {list(self.example_shape)}",
             f"latency: {self.latency} frames; stage balance (max/mean cost): {self.balance:.2f}; "
-            f"clock speed-up: {self.clock_speedup:.2f}x (hyperperiod {self.hyperperiod})",
+            f"clock speed-up: {self.clock_speedup:.2f}x (hyperperiod {self.hyperperiod}"
+            + (", phases aligned)" if self.phases == "align" else ")"),
         ]
         return "\n".join(out)
 

@@ -25,8 +25,10 @@ def run(*argv, cwd=None):
 
 
 def test_compile_prints_the_report():
-    r = run("compile", "torchvision:resnet18,num_classes=10", "--parallel", "4", "--clocks", "halve", *SMALL)
+    r = run("compile", "torchvision:resnet18,num_classes=10", "--parallel", "4", "--clocks", "halve",
+            "--phases", "align", *SMALL)
     assert r.returncode == 0, r.stderr
+    assert "phases aligned" in r.stdout
     lines = r.stdout.splitlines()
     assert lines[0].split()[:3] == ["stage", "first", "node"]
     assert [line.split()[0] for line in lines[2:6]] == ["0", "1", "2", "3"]

@@ -31,6 +31,8 @@ def compiled(draw, shift=True):
         options["clocks"] = {"layers.*": (p, draw(st.integers(0, p - 1))), "head": 2}
     else:
         options["clocks"] = clocks
+    if clocks is not None:
+        options["phases"] = draw(st.sampled_from(["zero", "align"]))
     if shift and draw(st.booleans()):
         options.update(shift="online", shift_place="inplace", shift_fraction=draw(st.sampled_from([0.25, 0.5])))
     largest = pipecomp.compile(model, parallel=1, **options)

@@ -2,7 +2,9 @@
 from .clocks import assign_clocks
 from .delays import assign_delays
 from .partition import partition
+from .phases import PHASES, assign_phases
 from .shift import insert_shifts
 from .state import allocate_state
 
-__all__ = ["insert_shifts", "assign_clocks", "partition", "assign_delays", "allocate_state"]
+__all__ = ["insert_shifts", "assign_clocks", "partition", "assign_delays", "assign_phases",
+           "allocate_state", "PHASES"]

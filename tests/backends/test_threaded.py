@@ -93,6 +93,7 @@ def test_tiny_model_matches_step(delays, clocks, shift, prepare):
 
 @pytest.mark.parametrize("options, ticks", [
     (dict(clocks="halve", shift="online"), 17),  # a whole hyperperiod (16) of clock phases
+    (dict(clocks="halve", phases="align"), 17),
     (dict(delays="aligned"), 5),
 ])
 @pytest.mark.parametrize("prepare", [None, "freeze"])

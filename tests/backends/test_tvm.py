@@ -65,7 +65,8 @@ def tiny_dict():
                             example_input=(2, 3, 16, 16)).eval()
 
 
-NETS = {"resnet-shift": tiny_resnet, "dict-output": tiny_dict}
+NETS = {"resnet-shift": tiny_resnet, "dict-output": tiny_dict,
+        "resnet-aligned-phases": lambda: tiny_resnet(phases="align", shift=None)}
 
 
 @pytest.fixture(scope="module", params=list(NETS))
