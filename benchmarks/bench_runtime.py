@@ -11,6 +11,9 @@ frozen ones (`prepare="freeze"`, the default: TorchScript, batch norm folded, no
 Run: `python benchmarks/bench_runtime.py` (about 1-2 minutes); writes results/runtime.json, .md.
 """
 import os
+import statistics
+import threading
+import time
 
 import torch
 import torchvision.models as tvm
@@ -48,6 +51,28 @@ def tick_overhead(ticks=1000):
         rows[f"{w}_workers"] = dict(run_tick_s=times[2 * i], step_tick_s=times[2 * i + 1],
                                     run_overhead_s=times[2 * i] - compute, step_overhead_s=times[2 * i + 1] - compute)
     return rows
+
+
+def handoff_floor(rounds=2000):
+    """Seconds for two Python threads to hand control to each other and back through locks:
+    the least any two-thread tick can cost here (a woken thread must also take the GIL)."""
+    there, back = threading.Lock(), threading.Lock()
+    there.acquire()
+    back.acquire()
+
+    def echo():
+        for _ in range(rounds):
+            there.acquire()
+            back.release()
+    thread = threading.Thread(target=echo)
+    thread.start()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        there.release()
+        back.acquire()
+    seconds = (time.perf_counter() - start) / rounds
+    thread.join()
+    return seconds
 
 
 def resnet50(net, frames, repeats=5):
@@ -99,7 +124,9 @@ def table(data):
     us = lambda s: f"{s * 1e6:.0f} µs"  # noqa: E731
     ov = data["tick_overhead"]
     rows = ["| measurement | value | target |", "| --- | --- | --- |",
-            f"| 7 trivial stages called in one thread, per tick | {us(ov['stages_alone_s'])} | |"]
+            f"| 7 trivial stages called in one thread, per tick | {us(ov['stages_alone_s'])} | |",
+            f"| two Python threads handing control there and back through locks (the floor of a tick with "
+            f"a worker) | {us(ov['handoff_round_trip_s'])} | |"]
     for w in (1, 2, 7):
         r = ov[f"{w}_workers"]
         rows.append(f"| runtime tick, 7 trivial stages, {w} workers: run() / step() | {us(r['run_tick_s'])} / "
@@ -125,6 +152,7 @@ def main():
     data = {"machine": machine(), "load_before": [round(x, 2) for x in os.getloadavg()]}
     with torch.no_grad():
         data["tick_overhead"] = tick_overhead()
+        data["tick_overhead"]["handoff_round_trip_s"] = statistics.median(handoff_floor() for _ in range(5))
         net = pipecomp.compile(tvm.resnet50().eval(), parallel=2, example_input=(1, 3, 112, 112))
         frames = [torch.randn(1, 3, 112, 112) for _ in range(12)]
         data["resnet50"] = resnet50(net, frames)
