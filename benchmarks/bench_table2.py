@@ -1,7 +1,7 @@
 """*Massively Parallel Video Networks* table 2 on this machine: throughput improvement factors.
 
 Each row is one compiled network (resnet50 or densenet121 at 112 px, `parallel` stages,
-with or without `clocks="halve"`); the columns are the threaded runtime on 1 worker (all
+with or without `clocks="halve"`, and with it `phases="align"` for more than one stage); the columns are the threaded runtime on 1 worker (all
 cores: the sequential order of the stages) and on 2 workers (one core each). A factor is
 frames per second over the sequential network without clocks: `parallel=1`, no clocks, all
 cores, with the same inference-ready kernels as the runtime (frozen tick functions; the
@@ -40,9 +40,12 @@ def load() -> list:
 
 
 def compiled(name, parallel, clocks):
+    """`clocks`: None, "halve", or "halve+align" (halving clocks with aligned phases)."""
     torch.manual_seed(0)
     model = getattr(tvm, name)().eval()
-    return pipecomp.compile(model, parallel=parallel, clocks=clocks, example_input=(1, 3, SIZE, SIZE))
+    phases = "align" if clocks == "halve+align" else "zero"
+    return pipecomp.compile(model, parallel=parallel, clocks=clocks and "halve", phases=phases,
+                            example_input=(1, 3, SIZE, SIZE))
 
 
 class Sequential:
@@ -167,8 +170,8 @@ def main():
         for name, parallels in grid.items():
             sequential = Sequential(name)
             try:
-                for clocks in (None, "halve"):
-                    for parallel in parallels:
+                for clocks in (None, "halve", "halve+align"):
+                    for parallel in parallels if clocks != "halve+align" else parallels[1:]:
                         r = row(name, parallel, clocks, args.ticks, rounds, sequential)
                         data["rows"].append(r)
                         one, two = r["1_workers"], r["2_workers"]
