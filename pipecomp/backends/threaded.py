@@ -49,7 +49,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 from ..lower import zero_state
-from ..schedule import Placement, schedule
+from ..schedule import Placement, _cores, schedule
 from ..videonet import VideoNet
 
 #: What `Runtime(..., prepare=)` and `schedule(..., prepare=)` accept.
@@ -414,6 +414,11 @@ class Runtime:
             raise ValueError(f"the placement puts workers on {missing}, but there are {torch.cuda.device_count()} "
                              f"CUDA devices here")
         self.net, self.placement, self.devices = net, placement, devices
+        cpu_workers, cores = sum(torch.device(d).type == "cpu" for d in devices), _cores()
+        if cpu_workers > cores:
+            warnings.warn(f"{cpu_workers} CPU workers on {cores} cores: at most {cores} can compute at once, and every "
+                          f"tick wakes each worker thread in turn (a Python thread handoff, tens of µs each); "
+                          f"schedule the net on at most {cores} CPU workers", stacklevel=2)
         self._home = _home(net)
         stage_devices = [devices[w] for w, g in enumerate(placement.groups) for _ in g]
         self._runs = _stage_runs(net, stage_devices, prepare)

@@ -1,6 +1,7 @@
 """The threaded runtime (backends/threaded.py) gives what `net.step` gives (semantics §7), and fails safely."""
 import importlib
 import threading
+import warnings
 
 import pytest
 import torch
@@ -490,6 +491,17 @@ def test_a_failed_delivery_is_a_stage_error_and_changes_no_state(monkeypatch):
         monkeypatch.setattr(threaded, "_move", real)
         got += within(lambda: [rt.step(x) for x in xs[2:]])
     assert_same(got, want)
+
+
+def test_more_cpu_workers_than_cores_are_warned_about(monkeypatch):
+    from pipecomp.backends import threaded
+    net = tiny()
+    monkeypatch.setattr(threaded, "_cores", lambda: 2)
+    with pytest.warns(UserWarning, match="3 CPU workers on 2 cores"):
+        Runtime(net, 3).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Runtime(net, 2).close()
 
 
 def test_counters_give_each_workers_compute_time():
