@@ -5,7 +5,7 @@ NVRTC when the program is loaded, on the board. This machine has no GPU, but PyT
 wheels bring NVRTC (`nvidia-cuda-nvrtc`, driven through `cuda-bindings`) and the CUDA headers,
 and the `tvm` extra adds CCCL's (`nvidia-cuda-cccl`): enough to compile the very source the
 board will compile, with TVM's own NVRTC options, for the board's GPU architecture. A kernel
-that would not compile on the board fails here, at build time. Nothing here runs a kernel.
+that would not compile on the board is reported here, at build time. Nothing here runs a kernel.
 """
 from __future__ import annotations
 
