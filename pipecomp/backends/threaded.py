@@ -503,7 +503,11 @@ class Runtime:
             self._counters.update(ticks=0, slowest_worker_s=0.0, worker_s=[0.0] * len(self._threads))
 
     def close(self) -> None:
-        """Stops the workers, each after the stage it is running; a tick in flight raises in its caller."""
+        """Stops the workers, each after the stage it is running; a tick in flight raises in its caller.
+
+        Ctrl-C in a caller waiting for a tick closes the runtime too, and the KeyboardInterrupt
+        goes on; later calls say that the runtime is closed.
+        """
         self._closed = True
         self._barrier.abort()
         for t in self._threads:
@@ -537,6 +541,11 @@ class Runtime:
         except BrokenBarrierError:
             self._closed = True
             raise RuntimeError("the Runtime was closed while a tick was running") from None
+        except BaseException:
+            # Ctrl-C (or another asynchronous exception) while the workers run a tick: the tick's
+            # end can no longer be awaited in step, so the runtime closes; its state is not half-new.
+            self.close()
+            raise
         if ended is not None and ended.error is not None:
             raise ended.error
         return None if ended is None else ended.output

@@ -1,6 +1,9 @@
 """The threaded runtime (backends/threaded.py) gives what `net.step` gives (semantics §7), and fails safely."""
 import importlib
+import os
+import signal
 import threading
+import time
 import warnings
 
 import pytest
@@ -266,6 +269,36 @@ def test_close_during_a_tick_does_not_hang(monkeypatch):
     with pytest.raises(RuntimeError, match="closed"):
         rt.reset()
     rt.close()
+
+
+@pytest.mark.parametrize("how", ["step", "run"])
+def test_ctrl_c_during_a_tick_closes_the_runtime(monkeypatch, how):
+    net, xs = tiny(), frames(3)
+    _, module = _stage_module(net, 2)
+    entered, release = threading.Event(), threading.Event()
+    real = module.forward
+
+    def blocking(x):
+        entered.set()
+        release.wait(SECONDS)
+        return real(x)
+    monkeypatch.setattr(module, "forward", blocking)
+    rt = Runtime(net, 2, prepare=None)
+
+    def ctrl_c():  # once a worker is inside the stage, so the caller is waiting for the tick
+        if entered.wait(SECONDS):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+        release.set()
+    threading.Thread(target=ctrl_c, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        rt.step(xs[0]) if how == "step" else list(rt.run(xs))
+    assert time.monotonic() - start < SECONDS
+    for use in (lambda: rt.step(xs[0]), rt.reset, lambda: list(rt.run(xs))):
+        with pytest.raises(RuntimeError, match="closed"):
+            use()
+    assert not [t for t in threading.enumerate() if t.name.startswith("pipecomp-worker")]
 
 
 def test_close_while_run_is_suspended_and_busy_while_it_is_open():
