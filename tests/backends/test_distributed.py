@@ -25,6 +25,7 @@ def _stream(net, frames):
     (2, dict(parallel=3, clocks="halve")),
     (3, dict(parallel=3, delays="aligned", shift="online")),
     (2, dict(parallel=4, clocks="halve", shift="online")),
+    (3, dict(parallel=3, clocks="halve", phases="align")),
 ])
 def test_processes_equal_step(nprocs, options):
     torch.manual_seed(0)
