@@ -235,9 +235,9 @@ def test_a_failure_in_run_raises_after_the_earlier_outputs(monkeypatch):
         assert_same(within(lambda: list(rt.run(xs))), want)
 
 
-def test_close_during_a_tick_does_not_hang(monkeypatch):
-    net = tiny()
-    _, module = _stage_module(net, 2)
+def _block_stage(monkeypatch, net, stage):
+    """Make `stage` wait inside its tick: (set when a worker is in it, set to let it go on)."""
+    _, module = _stage_module(net, stage)
     entered, release = threading.Event(), threading.Event()
     real = module.forward
 
@@ -246,6 +246,12 @@ def test_close_during_a_tick_does_not_hang(monkeypatch):
         release.wait(SECONDS)
         return real(x)
     monkeypatch.setattr(module, "forward", blocking)
+    return entered, release
+
+
+def test_close_during_a_tick_does_not_hang(monkeypatch):
+    net = tiny()
+    entered, release = _block_stage(monkeypatch, net, 2)
     rt = Runtime(net, 2, prepare=None)
     outcome = []
 
@@ -274,15 +280,7 @@ def test_close_during_a_tick_does_not_hang(monkeypatch):
 @pytest.mark.parametrize("how", ["step", "run"])
 def test_ctrl_c_during_a_tick_closes_the_runtime(monkeypatch, how):
     net, xs = tiny(), frames(3)
-    _, module = _stage_module(net, 2)
-    entered, release = threading.Event(), threading.Event()
-    real = module.forward
-
-    def blocking(x):
-        entered.set()
-        release.wait(SECONDS)
-        return real(x)
-    monkeypatch.setattr(module, "forward", blocking)
+    entered, release = _block_stage(monkeypatch, net, 2)
     rt = Runtime(net, 2, prepare=None)
 
     def ctrl_c():  # once a worker is inside the stage, so the caller is waiting for the tick
