@@ -301,6 +301,7 @@ def test_rpi4_export_is_aarch64(rpi4):
     for module in program.manifest["modules"].values():
         header = (folder / module["file"]).read_bytes()[:20]
         assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    run.validate(json.loads((folder / "manifest.json").read_text()), folder)  # against its schema, files there
 
 
 @needs_cross
