@@ -141,8 +141,7 @@ def _profile(net, devices, threads, prepare):
     if len(kinds) > 1 or not kinds <= {"cpu", "cuda"}:
         raise NotImplementedError(f"profile=True measures the stages on one kind of worker (CPU or CUDA), "
                                   f"not on {devices}; give a placement of your own")
-    if net.plan.shift == "offline":
-        raise RuntimeError("offline shift runs on clips only: there are no tick functions to profile")
+    net._check_streamable()
     cuda = kinds == {"cuda"}
     if cuda and not torch.cuda.is_available():
         raise RuntimeError(f"cannot profile on {devices}: CUDA is not available here")

@@ -44,14 +44,8 @@ class VideoNet(nn.Module):
         self._tick = 0
 
     def _check_frame(self, frame):
-        if not isinstance(frame, torch.Tensor):
-            raise TypeError(f"step() takes a tensor frame [B, C, H, W], got {type(frame).__name__}")
-        want = tuple(self.plan.example_shape[1:])
-        if frame.dim() != 4 or tuple(frame.shape[1:]) != want:
-            raise ValueError(f"frame has shape {list(frame.shape)}, expected [B, {', '.join(map(str, want))}] "
-                             f"(the example_input given to compile)")
-        if frame.dtype != self.plan.example_dtype:
-            raise ValueError(f"frame has dtype {frame.dtype}, expected {self.plan.example_dtype}")
+        """The frame fits the network and this stream (batch size and device of its state)."""
+        self._check_input(frame)
         if self._state is not None:
             if frame.shape[0] != self._batch:
                 raise ValueError(f"frame has batch size {frame.shape[0]}, but this stream started with "
@@ -64,14 +58,29 @@ class VideoNet(nn.Module):
             if frame.device != device:
                 raise ValueError(f"frame is on {frame.device}, but the network is on {device}")
 
+    def _check_input(self, frame):
+        """The frame fits the network: a tensor of the example's channels, size and dtype."""
+        if not isinstance(frame, torch.Tensor):
+            raise TypeError(f"step() takes a tensor frame [B, C, H, W], got {type(frame).__name__}")
+        want = tuple(self.plan.example_shape[1:])
+        if frame.dim() != 4 or tuple(frame.shape[1:]) != want:
+            raise ValueError(f"frame has shape {list(frame.shape)}, expected [B, {', '.join(map(str, want))}] "
+                             f"(the example_input given to compile)")
+        if frame.dtype != self.plan.example_dtype:
+            raise ValueError(f"frame has dtype {frame.dtype}, expected {self.plan.example_dtype}")
+
+    def _check_streamable(self):
+        """Streaming needs tick functions; offline shift has none (semantics §6)."""
+        if self.plan.shift == "offline":
+            raise RuntimeError("offline (bi-directional) shift needs future frames, so it runs on clips only: "
+                               "call the network on a [B, T, C, H, W] clip, or compile with shift='online'")
+
     def step(self, frame: torch.Tensor):
         """One tick (semantics §3): feed frame `x_t`, get the output of tick `t`.
 
         A frame that is rejected, or whose computation fails, changes no state.
         """
-        if self.plan.shift == "offline":
-            raise RuntimeError("offline (bi-directional) shift needs future frames and only works on clips: "
-                               "call the network on a [B, T, C, H, W] clip, or compile with shift='online'")
+        self._check_streamable()
         self._check_frame(frame)
         state = self._state if self._state is not None else zero_state(self.plan, frame.shape[0], frame.device)
         new_state, output = {}, None

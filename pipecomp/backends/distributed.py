@@ -11,9 +11,9 @@ Two ways to start it:
 
 - `launch(net, frames, nprocs=N)`: forks N processes on loopback (gloo) and returns the
   outputs, for one machine and for tests;
-- `torchrun --nproc-per-node N -m pipecomp.backends.distributed MODEL [options]`: every
-  rank compiles the same model (same seed or `--weights`), rank 0 streams a clip and
-  prints frames per second. Across machines, torchrun's `--nnodes`/`--rdzv-endpoint`.
+- `torchrun --nproc-per-node N -m pipecomp pipeline MODEL [options]`: every rank compiles
+  the same model (same `--seed`) and calls `stream`; rank 0 streams a clip and prints
+  frames per second. Across machines, torchrun's `--nnodes`/`--rdzv-endpoint`.
 
 gloo serves CPUs, NCCL GPUs. Every exchange has a timeout, so a rank that dies makes the
 others fail with an error naming the peer rather than hang.
@@ -165,6 +165,7 @@ def stream(net, frames=None, *, ticks: int | None = None, batch: int | None = No
     `ticks` and the frames' `batch` size (default: the example's), and get None. Every rank must place the stages alike: by default
     `pipecomp.schedule(net, world_size)` on FLOPs, which is the same on every rank.
     """
+    net._check_streamable()
     rank, world = dist.get_rank(), dist.get_world_size()
     if groups is None:
         groups = _placement(net, world, None).groups
@@ -214,11 +215,12 @@ def launch(net, frames, nprocs: int = 2, *, devices=None, timeout: float = 300.0
     Stages are grouped by `pipecomp.schedule`; each process gets `cores / nprocs` threads.
     Raises the first worker's error, or `TimeoutError` after `timeout` seconds.
     """
+    net._check_streamable()
     frames = list(frames)
     if not frames:
         return []
     for x in frames:
-        net._check_frame(x)
+        net._check_input(x)  # launch streams from the zero state, whatever net.step did before
     placement = _placement(net, nprocs, devices)
     groups, devs = placement.groups, list(placement.devices)
     # forked children inherit the compiled network: nothing to pickle

@@ -116,7 +116,7 @@ class _Barrier:
 class _Stream:
     """A runtime's streaming state, under VideoNet's attribute names so that its frame check applies."""
 
-    check = VideoNet._check_frame
+    check, _check_input = VideoNet._check_frame, VideoNet._check_input
 
     def __init__(self, net: VideoNet):
         self.plan, self.parameters = net.plan, net.parameters
@@ -394,11 +394,7 @@ class Runtime:
     """
 
     def __init__(self, net: VideoNet, workers, prepare: str | None = "freeze"):
-        if net.plan.shift == "offline":
-            raise RuntimeError("offline (bi-directional) shift needs future frames and only works on clips; "
-                               "compile with shift='online' to stream frames")
-        if prepare not in PREPARE:
-            raise ValueError(f"prepare={prepare!r} is not one of {', '.join(map(repr, PREPARE))}")
+        net._check_streamable()
         placement = workers if isinstance(workers, Placement) else schedule(net, workers)
         if [s for g in placement.groups for s in g] != list(range(net.plan.parallel)):
             raise ValueError(f"placement groups {placement.groups} do not list the net's stages "

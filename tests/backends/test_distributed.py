@@ -101,3 +101,22 @@ def test_command_line_pipeline_equals_step(runner):
 def test_command_line_pipeline_refuses_more_processes_than_stages():
     done = _cli(*MODEL[:3], "2", *MODEL[4:], "--procs", "3")
     assert done.returncode == 2 and "exceeds the 2 stages" in done.stderr
+
+
+def test_launch_streams_from_the_zero_state_whatever_step_did_before():
+    torch.manual_seed(0)
+    net = pipecomp.compile(tvm.resnet18(num_classes=5).eval(), parallel=2, example_input=(1, 3, SIZE, SIZE))
+    with torch.no_grad():
+        net.step(torch.randn(1, 3, SIZE, SIZE))  # a batch-1 stream in net.step's own state
+    frames = [torch.randn(2, 3, SIZE, SIZE) for _ in range(3)]
+    got = distributed.launch(net, frames, nprocs=2, timeout=120)
+    for g, w in zip(got, _stream(net, frames)):
+        assert torch.allclose(g, w, atol=1e-5)
+
+
+def test_offline_shift_is_refused_before_any_process_starts():
+    net = pipecomp.compile(tvm.resnet18(num_classes=5).eval(), parallel=2, shift="offline",
+                           example_input=(1, 3, SIZE, SIZE))
+    with pytest.raises(RuntimeError, match="shift='online'"):
+        distributed.launch(net, [torch.randn(1, 3, SIZE, SIZE)], nprocs=2, timeout=60)
+    assert not multiprocessing.active_children()
