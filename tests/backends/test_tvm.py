@@ -137,8 +137,15 @@ def test_manifest_says_what_the_plan_says(built):
     run.validate(manifest)
     assert manifest["latency"] == plan.latency and manifest["parallel"] == plan.parallel
     assert [b["name"] for b in manifest["state"]] == list(zero_state(plan, plan.example_shape[0], "cpu"))
+    readers = {}  # the stages whose generated tick functions index the state with a buffer's name
+    for step in net._stages:
+        for gm in step.variants:
+            state = [n for n in gm.graph.nodes if n.op == "placeholder"][1]
+            for use in state.users:
+                readers.setdefault(use.args[1], set()).add(step.stage)
     for b in manifest["state"]:
         assert b["stage"] == plan.stage_of[b["node"]] and b["init"] == "zeros"
+        assert set(b["readers"]) == readers.get(b["name"], set()), b["name"]
     for stage, step in zip(manifest["stages"], net._stages):
         of_tick = [None] * stage["hyperperiod"]
         for i, v in enumerate(stage["variants"]):

@@ -21,7 +21,7 @@ from ...analysis import COMPUTE_OPS
 from ...lower import firing, zero_state
 from ...videonet import VideoNet
 from . import cuda, schedule
-from .run import FORMAT, Program, tvm
+from .run import FORMAT, Program, _refs, tvm
 
 #: Short names for boards, and the TVM tags they stand for.
 TARGETS = {
@@ -56,8 +56,9 @@ def build(net: VideoNet, target="host", *, tuning=None, workers=None) -> Program
     libraries = schedule.compile_all(irmods, tgt, tuning)
     if tgt.kind.name == "cuda":
         try:
-            checked = (f"here their CUDA C compiled ({cuda.compile_check(libraries, tgt)}), but no kernel has "
-                       f"run: this machine has no GPU")
+            compiled = cuda.compile_check(libraries, tgt)
+            checked = (f"here their CUDA C compiled ({compiled}), but pipecomp has not run them" if compiled
+                       else "this program has none")
         except cuda.CudaUnchecked as e:
             checked = f"that could not be checked here: {e}"
         warnings.warn(
@@ -100,7 +101,10 @@ def lower(net: VideoNet):
                         modules[name] = {"file": f"{name}.so", **_signature(variant["inputs"], example, flat(*example))}
                         irmods[name] = _import(flat, example)
                     variant["module"] = sources[key]
-                for b in variant["inputs"]:
+                # A stage reads a buffer into its module, or passes it on as a wire (a held value,
+                # a register chain shifting by one, an output).
+                wires = [*variant["writes"].values(), *_refs(variant["output"])]
+                for b in [*variant["inputs"], *(w["state"] for w in wires if w and "state" in w)]:
                     readers.setdefault(b, set()).add(step.stage)
                 variants.append(variant)
             stages.append({"stage": step.stage, "hyperperiod": step.hyperperiod, "variants": variants})

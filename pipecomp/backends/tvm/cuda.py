@@ -16,8 +16,8 @@ import os
 def compile_check(libraries: dict, target) -> str | None:
     """Compile the CUDA C of every module in `libraries` for `target`'s arch with NVRTC.
 
-    Returns what was checked ("3 modules with NVRTC 13.0 for sm_87"), or raises `CudaUnchecked`
-    saying why it could not be checked here.
+    Returns what was checked ("3 modules with NVRTC 13.0 for sm_87"), None if there is no CUDA
+    C, or raises `CudaUnchecked` saying why it could not be checked here.
     """
     arch = target.attrs.get("arch")
     sources = [s for lib in libraries.values() for s in _cuda_sources(lib.mod)]

@@ -95,11 +95,13 @@ def tune(irmods: dict, target, trials: int, database: str, tracker: str | None =
 
     os.makedirs(database, exist_ok=True)
     db = ms.database.JSONDatabase(work_dir=database)
-    todo = [t for t in kernels(irmods, target) if not db.has_workload(t.dispatched[0])]
-    if not todo or trials == 0:
+    if trials == 0:  # only apply what the database has
         return db
     if target.kind.name != "llvm":
         raise ValueError(f"tuning is for CPU targets; {target} keeps TVM's default GPU schedules")
+    todo = [t for t in kernels(irmods, target) if not db.has_workload(t.dispatched[0])]
+    if not todo:
+        return db
     if tracker is None and arch(target) != _host_arch():
         raise ValueError(f"tuning without a tracker measures kernels on this {_host_arch()} CPU, so it needs a CPU "
                          f"target of this machine, not {target}; to measure on the board, start an RPC tracker and "
