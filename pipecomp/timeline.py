@@ -7,6 +7,7 @@ does not fire holds its value, and shape values carry no frame.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .analysis import COMPUTE_OPS, info
@@ -47,9 +48,22 @@ class Timeline:
         left = max(len(h) for h, _ in rows)
         width = max(len(c) for _, cells in rows for c in cells)
         lines = [h.ljust(left) + "  " + " ".join(c.rjust(width) for c in cells) for h, cells in rows]
-        lines.append(f"latency {self.latency}: in steady state the output at tick t reflects frame t-{self.latency}; "
-                     f"'-': no frame yet, '.': does not fire (holds its value)")
+        lines.append("; ".join([*self.summary(), "'-': no frame yet, '.': does not fire (holds its value)"]))
         return "\n".join(lines)
+
+    def summary(self) -> list:
+        """What the output reflects: the latency, or with clocks the first tick a frame reaches it."""
+        lines = [f"information latency {self.latency} frames (the smallest total delay from the frame to the output)"]
+        first = next((t for t, f in enumerate(self.output) if f is not None), None)
+        if all(p == [1] for p in self.periods):
+            lines.append(f"the output at tick t reflects frame t-{self.latency}")
+        elif first is None:
+            lines.append(f"no frame reaches the output in {self.ticks} ticks: the clocks repeat every "
+                         f"{math.lcm(*(q for p in self.periods for q in p))} ticks, draw more ticks")
+        else:
+            lines.append(f"clocked stages hold their value between firings; a frame first reaches the output "
+                         f"at tick {first} (frame {self.output[first]})")
+        return lines
 
 
 def _fires(plan: Plan, name: str, t: int) -> bool:

@@ -361,16 +361,7 @@ def timeline_dot(net, ticks: int = 12) -> "graphviz.Digraph":
     table = (f'<<TABLE BORDER="0" CELLBORDER="1" CELLSPACING="0" CELLPADDING="5" COLOR="#bbbbbb">'
              f'{"".join(rows)}</TABLE>>')
 
-    first = next((t for t, f in enumerate(tl.output) if f is not None), None)
-    lines = [f"information latency {tl.latency} frames (the smallest total delay from the frame to the output)"]
-    if all(p == [1] for p in tl.periods):
-        lines.append(f"the output at tick t reflects frame t-{tl.latency}")
-    elif first is None:
-        lines.append(f"no frame reaches the output in {ticks} ticks: the clocks repeat every "
-                     f"{plan.hyperperiod} ticks, draw more ticks")
-    else:
-        lines.append(f"clocked stages hold their value between firings; a frame first reaches the output "
-                     f"at tick {first} (frame {tl.output[first]})")
+    lines = tl.summary()
     lines.append("cell: the newest input frame in the stage's output;  blank: the stage does not fire;  "
                  "–: no frame has reached it yet")
     dot = graphviz.Digraph("timeline", graph_attr=dict(

@@ -89,3 +89,13 @@ def test_rejects_bad_ticks(resnet18):
     net = pipecomp.compile(resnet18, parallel=2, example_input=SIZE)
     with pytest.raises(ValueError, match="ticks"):
         net.timeline(0)
+
+
+def test_table_of_a_clocked_net_says_when_a_frame_first_reaches_the_output(resnet18):
+    net = pipecomp.compile(resnet18, parallel=4, clocks="halve", example_input=SIZE)
+    tl = net.timeline(2 * net.plan.hyperperiod)
+    first = next(t for t, f in enumerate(tl.output) if f is not None)
+    assert first > net.plan.latency  # the clocks, not the delays, decide it
+    caption = tl.table().splitlines()[-1]
+    assert f"first reaches the output at tick {first} (frame {tl.output[first]})" in caption
+    assert "reflects frame t-" not in caption
