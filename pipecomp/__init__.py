@@ -5,7 +5,8 @@ from .plan import Plan
 from .schedule import Placement, schedule
 from .videonet import VideoNet
 
-__all__ = ["compile", "CompileError", "Plan", "Placement", "VideoNet", "schedule", "visualize"]
+# `visualize` is there too, loaded on first use (it needs graphviz), so not in __all__.
+__all__ = ["compile", "CompileError", "Plan", "Placement", "VideoNet", "schedule"]
 __version__ = "0.1.0"
 
 

@@ -263,10 +263,13 @@ def _pipeline(args):
     torchrun = "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
     if args.frames < 1 or args.procs < 1:
         raise UsageError("--frames and --procs must be >= 1")
+    batch, channels, height, width = args.input
+    if channels != 3:
+        raise UsageError(f"pipeline streams a synthetic RGB clip, so --input needs 3 channels, not {channels}")
     torch.manual_seed(args.seed)
     net = _compile(args).eval()
-    batch, _, height, width = args.input
-    clip = moving_shapes(args.frames * batch, height)[:, :, :, :width].reshape(args.frames, batch, 3, height, -1)
+    clip = moving_shapes(args.frames * batch, max(height, width))[:, :, :height, :width]
+    clip = clip.reshape(args.frames, batch, 3, height, width)
     frames = list(clip)
     start = time.perf_counter()
     if torchrun:

@@ -14,7 +14,6 @@ import torch
 import torchvision
 
 from .compiler import compile
-from .viz import visualize
 
 
 def moving_shapes(frames: int, size: int, shapes: int = 5, seed: int = 0) -> torch.Tensor:
@@ -72,6 +71,7 @@ def run(out: Path, frames: int, size: int, say) -> None:
         suffix = "dot"
     say(f"drawing pictures into {out}")
     ticks = min(48, net.latency + 2 * net.plan.hyperperiod)
+    from .viz import visualize  # pictures need the optional graphviz package; the clip does not
     graph = visualize(net, out / f"resnet50_graph.{suffix}")
     table = visualize(net, out / f"resnet50_timeline.{suffix}", view="timeline", ticks=ticks)
     print(f"pictures: {graph} (graph, one cluster per stage) and {table} (time-space table, {ticks} ticks)")

@@ -2,6 +2,8 @@
 plan (stages, delays, periods, shifts), collapsed or not; then real renderings."""
 import re
 import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -243,3 +245,9 @@ def test_stages_coloured_and_labelled_by_worker():
             fills[j] = block.split('fillcolor="', 1)[1].split('"', 1)[0]
     assert len({fills[g[0]] for g in placement.groups}) == 2
     assert all(fills[j] == fills[g[0]] for g in placement.groups for j in g)
+
+
+def test_star_import_needs_no_graphviz():
+    code = "import sys; sys.modules['graphviz'] = None; from pipecomp import *; print(compile.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "compile" in done.stdout, done.stderr

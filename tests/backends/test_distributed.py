@@ -120,3 +120,19 @@ def test_offline_shift_is_refused_before_any_process_starts():
     with pytest.raises(RuntimeError, match="shift='online'"):
         distributed.launch(net, [torch.randn(1, 3, SIZE, SIZE)], nprocs=2, timeout=60)
     assert not multiprocessing.active_children()
+
+
+def test_command_line_pipeline_streams_non_square_frames_and_refuses_other_channels():
+    done = _cli(*MODEL[:5], "1,3,32,48", *MODEL[6:], "--procs", "2")
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.rsplit(": ", 1)[1]) < 1e-5
+    done = _cli(*MODEL[:5], "1,1,32,32", *MODEL[6:])
+    assert done.returncode == 2 and "3 channels" in done.stderr
+
+
+def test_pipeline_command_needs_no_graphviz():
+    code = ("import sys; sys.modules['graphviz'] = None; from pipecomp.cli import main; "
+            "sys.exit(main(['pipeline', 'torchvision:resnet18,num_classes=10', '--parallel', '2', "
+            "'--input', '1,3,32,32', '--frames', '2', '--procs', '2']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
