@@ -37,7 +37,10 @@ def _is_inplace(root, v: fx.Node) -> bool:
 
 
 def firing(plan: Plan, nodes, tick: int) -> frozenset:
-    return frozenset(n.name for n in nodes if tick % plan.period_of[n.name] == plan.phase_of[n.name])
+    """The nodes among `nodes` that fire at `tick`. Shape values are left out: a tick function
+    recomputes them where they are needed, so their clocks do not make it a different one."""
+    return frozenset(n.name for n in nodes if info(n).get("kind") != "value"
+                     and tick % plan.period_of[n.name] == plan.phase_of[n.name])
 
 
 def stage_graph(plan: Plan, root, stage: int, fires: frozenset) -> fx.Graph:
@@ -178,8 +181,8 @@ def tick_flops(plan: Plan, stages) -> list:
                           for t in range(plan.hyperperiod)])
         else:
             nodes = [n for n in plan.nodes_of_stage(s) if n.op in COMPUTE_OPS]
-            costs.append([sum(info(n)["flops"] / batch for n in nodes if n.name in firing(plan, nodes, t))
-                          for t in range(plan.hyperperiod)])
+            costs.append([sum(info(n)["flops"] / batch for n in nodes if n.name in fires)
+                          for fires in (firing(plan, nodes, t) for t in range(plan.hyperperiod))])
     return costs
 
 

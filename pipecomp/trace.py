@@ -39,14 +39,18 @@ def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as e:
-        where, cls = tracer.failed_in or ("", type(model).__name__)
-        at = f"module '{where}' ({cls})" if where else f"model {cls}"
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "control flow" in reason or "iterate" in reason or "bool" in reason:
+        if isinstance(e, fx.proxy.TraceError):  # fx's own: a tensor used as a bool or iterated
             reason = f"data-dependent control flow: {reason}"
+        if tracer.failed_in:
+            where, cls = tracer.failed_in
+            fix = f"pass leaf_modules=({cls},) to keep this module whole as one node"
+            at = f"module '{where}' ({cls})"
+        else:  # the model's own forward: it cannot be a leaf of itself
+            fix = ("make the model's own forward traceable (move that code into a submodule, and pass its "
+                   "class in leaf_modules)")
+            at = f"model {type(model).__name__}"
         raise CompileError(
-            f"cannot trace {at}: {reason}. torch.fx must see the same graph for every input; "
-            f"pass leaf_modules=({cls},) to keep this module whole as one node"
-        ) from e
+            f"cannot trace {at}: {reason}. torch.fx must see the same graph for every input; {fix}") from e
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)

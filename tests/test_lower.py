@@ -45,3 +45,32 @@ def test_a_stage_that_does_not_fire_does_no_work():
         calls.clear()
         net(torch.randn(2, 6, 3, 8, 8))
     assert len(calls) == 1  # one call for all firing frames of the clip
+
+
+class SizedByAnotherClock(nn.Module):
+    """The output is reshaped by the size of a period-2 node, read in a period-1 stage."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.e = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.s = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        c = self.c(x)  # the first convolution sets the full resolution: s, at half, ticks every 2
+        a = self.s(x)
+        return self.e(c).reshape(a.size(0), -1), a
+
+
+def test_shape_values_do_not_split_a_stage_into_identical_tick_functions():
+    from . import reference
+    torch.manual_seed(0)
+    net = pipecomp.compile(SizedByAnotherClock().eval(), clocks="halve", cuts=["e"], example_input=(1, 3, 16, 16))
+    assert net.plan.period_of["size"] == 2 and net.plan.stage_of["size"] == 1
+    assert len(net._stages[1].variants) == 1  # the size's clock changes no code
+    frames = [torch.randn(1, 3, 16, 16) for _ in range(5)]
+    with torch.no_grad():
+        want = reference.run(net, frames)
+        net.reset()
+        for t, (x, w) in enumerate(zip(frames, want)):
+            for g, v in zip(net.step(x), w):
+                torch.testing.assert_close(g, v, msg=f"tick {t}")

@@ -165,6 +165,12 @@ def test_control_flow_names_the_module_and_the_fix():
         assert torch.equal(net.step(x), net.gate(net.conv(x)))
 
 
+def test_control_flow_in_the_models_own_forward_is_not_sent_to_leaf_modules():
+    with pytest.raises(pipecomp.CompileError, match="model Gate: data-dependent control flow") as e:
+        pipecomp.compile(Gate(), example_input=(1, 3, 8, 8))
+    assert "leaf_modules=(Gate,)" not in str(e.value) and "model's own forward" in str(e.value)
+
+
 class Halves(nn.Module):
     def __init__(self):
         super().__init__()
