@@ -7,7 +7,7 @@ side by side:
    first tick whose output depends on the frames at all (before it, the output is that of
    the zero state), and at steady-state ticks the age of the newest frame that changes the
    output (t − s for the largest such frame s);
-2. tick times of `net.step` streaming 224 px frames (2 threads): average and worst tick over
+2. tick times of `net.step` streaming 224 px frames (torch's default thread count): average and worst tick over
    two hyperperiods (the worst tick is the longest wait for one output), medians of
    interleaved rounds per tick; and the same from the scheduler's FLOP cost model.
 

@@ -58,10 +58,8 @@ class Sequential:
 
     def __init__(self, name):
         self.net = compiled(name, 1, None)
-        self.threads = torch.get_num_threads()
         self.runtimes = {"frozen": Runtime(self.net, 1),
                          "frozen_1_thread": Runtime(self.net, replace(schedule(self.net, 1), threads_per_worker=1))}
-        assert self.runtimes["frozen"].placement.threads_per_worker == self.threads
 
     def fns(self, frames):
         def step():
