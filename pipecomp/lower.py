@@ -271,10 +271,15 @@ def _shift_clip(x, fold: int, direction: str):
     return torch.cat([ahead, back, x[:, :, 2 * fold:]], 2)
 
 
-def run_clip(plan: Plan, root, clip: torch.Tensor):
-    """Outputs of ticks 0..T-1 after a reset, computed node by node on whole time series."""
+def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None):
+    """Outputs of ticks 0..T-1 after a reset, computed node by node on whole time series.
+
+    With `stages`, only the nodes of those stages run, reading and writing `env` (node ->
+    (value, clock)); the output comes back only from the group holding the last stage (else
+    None). Model-parallel BPTT runs a clip so, one stage group after another.
+    """
     B, T = clip.shape[:2]
-    env = {}
+    env = {} if env is None else env
 
     def ticks(clock):
         return range(clock[1], T, clock[0])
@@ -297,6 +302,8 @@ def run_clip(plan: Plan, root, clip: torch.Tensor):
         return picked.flatten(0, 1)
 
     for v in plan.graph.nodes:
+        if stages is not None and v.op != "get_attr" and plan.stage_of[v.name] not in stages:
+            continue
         if v.op == "placeholder":
             env[v] = (clip.flatten(0, 1), (1, 0))
         elif v.op == "get_attr":
