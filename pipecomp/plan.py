@@ -37,6 +37,8 @@ class Plan:
     stage_params: tuple = ()
     stage_state_bytes: tuple = ()
     latency: int = 0
+    #: modules traced as one node without being in leaf_modules: class or qualified name -> why
+    kept_whole: dict = field(default_factory=dict)
     example_shape: tuple = ()
     example_dtype: object = None
 
@@ -94,6 +96,7 @@ class Plan:
             f"clock speed-up: {self.clock_speedup:.2f}x (hyperperiod {self.hyperperiod}"
             + (", phases aligned)" if self.phases == "align" else ")"),
         ]
+        out += [f"kept whole: {name}: {why}" for name, why in self.kept_whole.items()]
         return "\n".join(out)
 
 
