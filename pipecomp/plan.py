@@ -52,6 +52,13 @@ class Plan:
     def _nodes(self):
         return {n.name: n for n in self.graph.nodes}
 
+    def __getstate__(self):
+        # The name index is a cache of the graph's nodes: a copy must index its own graph's.
+        return {k: v for k, v in self.__dict__.items() if k != "_nodes"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
     def nodes_of_stage(self, stage: int):
         return [n for n in self.graph.nodes if self.stage_of.get(n.name) == stage and n.op != "get_attr"]
 
