@@ -360,7 +360,7 @@ def test_threaded_runtime_equals_step():
         _, net = compiled(kind, parallel=3, clocks="halve")
         xs = frames(6)
         want = stream(net, xs)
-        with Runtime(net, 2) as rt:
+        with Runtime(net, 2, prepare=None) as rt:  # TorchScript cannot freeze timm's attention: eager
             for x, w in zip(xs, want):
                 torch.testing.assert_close(rt.step(x), w)
 
@@ -374,13 +374,38 @@ def test_processes_equal_step():
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-def test_tvm_equals_step():
+@pytest.mark.parametrize("kind", ["tiny ViT", "relative position"])
+def test_tvm_equals_step(kind):
     pytest.importorskip("tvm")
     from pipecomp.backends import tvm as backend
-    _, net = compiled("layer scale", parallel=2, clocks="halve")
+    _, net = compiled(kind, parallel=2, clocks="halve")
     xs = frames(5, batch=1)  # a program is built for the example's batch
     want = stream(net, xs)
     with backend.build(net, "host", workers=2) as program:
         for x, w in zip(xs, want):
             g = torch.from_numpy(program.step(x.numpy()))
             torch.testing.assert_close(g, w, rtol=0, atol=1e-4 * float(w.abs().max()))
+
+
+TIMM = [("convnext_atto", {}, 32), ("vit_tiny_patch16_224", dict(img_size=32, depth=2), 32),
+        ("eva02_tiny_patch14_224", dict(img_size=28, depth=2), 28), ("mobilevit_xxs", {}, 64)]
+
+
+@pytest.mark.parametrize("name, options, size", TIMM, ids=[t[0] for t in TIMM])
+def test_timm_models(name, options, size):
+    """timm's own code: layer scales, attention, EVA-02's rotary embeddings, MobileViT's control flow."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, **options).eval()
+    xs = [torch.randn(1, 3, size, size) for _ in range(4)]
+    net = pipecomp.compile(model, parallel=3, delays="aligned", example_input=(1, 3, size, size))
+    got = stream(net, xs)
+    with torch.no_grad():
+        for t in range(len(xs) - net.latency):
+            torch.testing.assert_close(got[t + net.latency], model(xs[t]))
+    net = pipecomp.compile(model, parallel=3, clocks="halve", example_input=(1, 3, size, size))
+    got = stream(net, xs)
+    with torch.no_grad():
+        clip = net(torch.stack(xs, 1))
+    for t in range(len(xs)):
+        torch.testing.assert_close(clip[:, t], got[t])
