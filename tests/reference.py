@@ -152,7 +152,8 @@ def sideways(net, frames, loss_fns):
                 if is_shift(v):
                     edge[v.name] = read(v.args[0])
             if v.op not in ("output", "get_attr"):
-                history.setdefault(v.name, []).append(now[v.name] if now[v.name] is None else now[v.name].detach())
+                value = now[v.name]
+                history.setdefault(v.name, []).append(value.detach() if isinstance(value, torch.Tensor) else value)
         roots, seeds = [], []
         fires = {v.name for v in plan.graph.nodes if v.op in ("call_module", "call_function", "call_method")
                  and t % plan.period_of[v.name] == plan.phase_of[v.name]}

@@ -73,6 +73,12 @@ def _per_tick(net, clip, y, loss_fn=F.cross_entropy, workers=None, p=0):
     return out
 
 
+def _streamed(net, T, p=0):
+    """The ticks `train.Stream` learns on: from the first whose output depends on a frame (and p)."""
+    first = next(t for t, f in enumerate(net.timeline(T).output) if f is not None)
+    return set(range(max(first, p), T))
+
+
 def _reference_episode(net, clip, y, W, loss_fn=F.cross_entropy, p=0):
     T = clip.shape[1]
     fns = [(lambda o, t=t: loss_fn(o, y[:, t - p])) if t in W else None for t in range(T)]
@@ -83,7 +89,7 @@ def _reference_episode(net, clip, y, W, loss_fn=F.cross_entropy, p=0):
 def test_sideways_equals_the_reference_on_a_chain(delays):
     net = pipecomp.compile(chain(), parallel=4, delays=delays, example_input=(1, 3, SIZE, SIZE))
     clip, y = episode(frames=9)
-    ticks, _, first, owner = _reference_episode(net, clip, y, W=set(range(net.latency, 9)))
+    ticks, _, first, owner = _reference_episode(net, clip, y, W=_streamed(net, 9))
     got = _per_tick(net, clip, y)
     for t, (g, w) in enumerate(zip(got, ticks)):
         assert_grads_close({n: v for n, v in g.items() if v is not None}, w)
@@ -106,8 +112,7 @@ def test_sideways_equals_the_reference_with_clocked_shifts(parallel):
                            shift_fraction=0.25, example_input=(1, 3, SIZE, SIZE))
     assert any(net.plan.period_of[s] == 2 for s in net.plan.shift_nodes)
     clip, y = episode(frames=8)
-    W = set(range(net.latency, 8))
-    ticks, _, first, owner = _reference_episode(net, clip, y, W)
+    ticks, _, first, owner = _reference_episode(net, clip, y, _streamed(net, 8))
     for g, w in zip(_per_tick(net, clip, y), ticks):
         assert_grads_close({n: v for n, v in g.items() if v is not None}, w)
 
@@ -362,3 +367,19 @@ def test_model_parallel_bptt_equals_bptt(delays):
     losses = train.backward(net, clip, y, F.cross_entropy, rule="bptt", workers=3)
     assert torch.allclose(losses, want_losses, equal_nan=True)
     assert_grads_close(grads_of(net), want)
+
+
+@pytest.mark.parametrize("kind", ["layer scale", "tiny ViT", "relative position", "control flow"])
+def test_sideways_equals_the_reference_on_constants_and_kept_whole_modules(kind):
+    from . import test_zoo
+    _, net = test_zoo.compiled(kind, parallel=3, clocks="halve")
+    clip = torch.stack(test_zoo.frames(6), 1)
+    y = torch.randn(2, 6, 5)
+
+    def loss_fn(out, target):
+        return (out - target).pow(2).mean()
+    ticks, _, _, _ = _reference_episode(net, clip, y, _streamed(net, 6), loss_fn)
+    got = _per_tick(net, clip, y, loss_fn)
+    assert any(ticks)
+    for g, w in zip(got, ticks):
+        assert_grads_close({n: v for n, v in g.items() if v is not None}, w, atol=1e-5)
