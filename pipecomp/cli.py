@@ -207,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
                                                               "height and width")
     run.add_argument("--fps", type=float, metavar="F", help="frame rate of a folder of images, or to override "
                                                            "the source's (default: the source's, else 25)")
+    run.add_argument("--frames", type=int, metavar="N", help="stop after N frames (default: the whole source)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     demo = sub.add_parser("demo", help="ResNet-50, 7 stages, halving clocks, on a synthetic clip")
     demo.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="where pictures go (default ./out)")
@@ -337,8 +338,8 @@ def _run(args):
     if batch != 1 or channels != 3:
         raise UsageError(f"run feeds one RGB frame per tick, so --input must be 1,3,H,W, not "
                          f"{','.join(map(str, args.input))}")
-    if args.top < 1 or args.smooth < 1 or (args.workers is not None and args.workers < 1):
-        raise UsageError("--top, --smooth and --workers must be >= 1")
+    if min(args.top, args.smooth, args.workers or 1, args.frames or 1) < 1:
+        raise UsageError("--top, --smooth, --workers and --frames must be >= 1")
     if args.crop is not None and (args.no_resize or not 0 < args.crop <= 1):
         raise UsageError("--crop takes a fraction in (0, 1], and no --no-resize")
     for path in (args.output, args.jsonl):
@@ -368,7 +369,7 @@ def _run(args):
                            args.std or pre.std)
     _say(f"opening {args.source}")
     try:
-        frames = video.Frames(args.source, pre, fps=args.fps)
+        frames = video.Frames(args.source, pre, fps=args.fps, limit=args.frames)
     except video.VideoError as e:
         raise UsageError(str(e))
     about = f"{frames.width}x{frames.height}" + (f", {frames.fps:g} fps" if frames.fps else "") + \

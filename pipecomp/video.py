@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import queue
+import signal
 import sys
 import threading
 import time
@@ -108,19 +109,21 @@ class Frames:
 
     `source` is a video file FFmpeg reads, a folder of images (in name order) or a camera
     (`/dev/video0`). Opening checks that the source exists, opens, and decodes at least one
-    frame, or raises `VideoError`. Iterate to get `Frame`s. A stream that ends before its
+    frame, or raises `VideoError`. Iterate to get `Frame`s (at most `limit` of them). A stream that ends before its
     announced length, or has frames FFmpeg cannot decode, ends after what it decoded, and
     `problem` says so. `fps` and `count` are the source's (None where it does not say).
     Close it (or use it as a context manager) to stop the thread early.
     """
 
-    def __init__(self, source, preprocess: Preprocess | None = None, *, fps: float | None = None, buffer: int = 8):
-        self.source, self.preprocess = str(source), preprocess
+    def __init__(self, source, preprocess: Preprocess | None = None, *, fps: float | None = None,
+                 limit: int | None = None, buffer: int = 8):
+        self.source, self.preprocess, self.limit = str(source), preprocess, limit
         self.problem: str | None = None
         self.decoded = 0
         self._skipped, self._container = 0, None
-        images, self.fps, self.count = self._open(Path(source))
+        images, self.fps, self._announced = self._open(Path(source))
         self.fps = fps or self.fps
+        self.count = self._announced if limit is None else min(limit, self._announced or limit)
         self._images = images
         try:
             first = self._next_frame()
@@ -212,8 +215,8 @@ class Frames:
             raise VideoError(f"'{self.source}' has no video stream; give a file with a picture track")
         stream = self._container.streams.video[0]
         if stream.codec_context is None:
-            raise VideoError(f"FFmpeg has no decoder for the video codec of '{self.source}' (codec tag "
-                             f"'{stream.codec_tag}'); re-encode it, e.g. ffmpeg -i '{self.source}' -c:v libx264 out.mp4")
+            raise VideoError(f"FFmpeg has no decoder for the video codec of '{self.source}'; re-encode it where a "
+                             f"decoder exists, e.g. ffmpeg -i '{self.source}' -c:v libx264 out.mp4")
         stream.thread_type = "AUTO"  # FFmpeg's own decoding threads
         return self._packets(stream), _rate(stream), stream.frames or None
 
@@ -240,6 +243,8 @@ class Frames:
                 self._skipped += 1
 
     def _next_frame(self) -> Frame | None:
+        if self.decoded == self.limit:
+            return None
         try:
             image, seconds = next(self._images)
         except StopIteration:
@@ -260,7 +265,7 @@ class Frames:
         if self._skipped:
             notes.append(f"{self._skipped} corrupt {'frames' if self._container is None else 'packets'} skipped")
         if self.count and self.decoded < self.count:
-            notes.append(f"the stream ended after {self.decoded} of the {self.count} frames it announces")
+            notes.append(f"the stream ended after {self.decoded} of the {self._announced} frames it announces")
         if notes:
             self.problem = "; ".join(notes)
 
@@ -494,6 +499,22 @@ def _times(n: int) -> str:
     return "once" if n == 1 else f"{n} times"
 
 
+def _stop_on_ctrl_c(stop: threading.Event):
+    """Makes the first Ctrl-C set `stop`, so that the stream ends after the frame in hand (every file
+    then holds the same frames), and a second one interrupt at once; returns the handler it replaced
+    (None off the main thread, where Python delivers no signal)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        stop.set()
+        signal.signal(signal.SIGINT, previous)
+
+    signal.signal(signal.SIGINT, handler)
+    return previous
+
+
 def run(net, frames: Frames, *, workers=None, categories=None, k: int = 5, smooth: int = 1, video=None,
         jsonl=None, progress: bool = True, prepare="freeze") -> Summary:
     """Streams `frames` through the compiled `net` causally, one tick per frame, on the threaded
@@ -502,7 +523,8 @@ def run(net, frames: Frames, *, workers=None, categories=None, k: int = 5, smoot
     Each tick's output is turned into labels (`predict`, after `Smoother(smooth)`), written to
     `jsonl` (a path: one JSON object per frame) and drawn, with the frame rate and the network's
     information latency, onto the frame written to `video` (a path or a `Writer`). Ctrl-C stops
-    the stream: the runtime, the decoder and the files are closed, and the summary says so.
+    the stream after the frame in hand (a second one at once): the runtime, the decoder and the
+    files are closed, and the summary says so.
     """
     from tqdm import tqdm
 
@@ -526,6 +548,8 @@ def run(net, frames: Frames, *, workers=None, categories=None, k: int = 5, smoot
     recent = collections.deque(maxlen=16)
     start = time.perf_counter()
     runtime = ticks = bar = None
+    stop = threading.Event()
+    previous = _stop_on_ctrl_c(stop)
     try:
         runtime = Runtime(net.eval(), workers, prepare=prepare)
         bar = tqdm(total=frames.count, unit="frame", file=sys.stderr, disable=not progress, dynamic_ncols=True)
@@ -547,6 +571,7 @@ def run(net, frames: Frames, *, workers=None, categories=None, k: int = 5, smoot
                 summary.labels.append(label)
                 if lines is not None:
                     lines.write(json.dumps(record) + "\n")
+                    lines.flush()  # a reader following the file sees each frame as it comes
                 if writer is not None:
                     image = frame.image
                     x = _logits(output)
@@ -558,7 +583,7 @@ def run(net, frames: Frames, *, workers=None, categories=None, k: int = 5, smoot
                                           colours, skip=skip)
                     text = [f"{e['label']}  {e.get('p', e.get('share')):.0%}" for e in top[:3]]
                     if newest is None:
-                        text = ["(pipeline filling: no frame has reached the output yet)"]
+                        text = ["(pipeline filling)"]
                     info = f"{fps:.1f} fps   latency {_frames(net.latency)}"
                     if frames.fps:
                         info += f" ({1000 * net.latency / frames.fps:.0f} ms)"
@@ -567,9 +592,14 @@ def run(net, frames: Frames, *, workers=None, categories=None, k: int = 5, smoot
                 bar.update()
                 if top:
                     bar.set_postfix_str(top[0]["label"], refresh=False)
-    except KeyboardInterrupt:
+                if stop.is_set():
+                    summary.interrupted = True
+                    break
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the main thread's handler
         summary.interrupted = True
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
         summary.seconds = time.perf_counter() - start
         if ticks is not None:
             ticks.close()

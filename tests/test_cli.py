@@ -85,7 +85,7 @@ FILES = {
     (["compile", "notmodule.py:make"], "returned int, not an nn.Module"),
     (["compile", "good.py:mkae"], "no function 'mkae'; close matches: make"),
     (["compile", "resnet18"], "(torchvision:resnet18?)"),
-    (["compile", "torchvision:resnet18,weights=DEFAULT"], "weights=None"),
+    (["compile", "torchvision:resnet18,weights=DEFAULT"], "are not on disk"),
     (["compile", "torchvision:resnet18,num_clases=10"], "unexpected keyword argument 'num_clases'"),
     (["compile", "torchvision:resnet18,10"], "must be key=value"),
     (["compile", "torchvision:resnet18", "--input", "1,3"], "is not a frame shape"),
@@ -102,6 +102,7 @@ def test_bad_input(argv, message, tmp_path, monkeypatch, capsys):
     for name, text in FILES.items():
         (tmp_path / name).write_text(text)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no downloaded weights
     assert main(argv) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("pipecomp: error:")]
