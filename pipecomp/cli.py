@@ -223,10 +223,16 @@ def _parser() -> argparse.ArgumentParser:
                                                            "the source's (default: the source's, else 25)")
     run.add_argument("--frames", type=int, metavar="N", help="stop after N frames (default: the whole source)")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
-    demo = sub.add_parser("demo", help="ResNet-50, 7 stages, halving clocks, on a synthetic clip")
-    demo.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="where pictures go (default ./out)")
-    demo.add_argument("--frames", type=int, default=32, metavar="N")
-    demo.add_argument("--size", type=int, default=224, metavar="PX", help="frame height and width (default 224)")
+    demo = sub.add_parser("demo", help="EfficientNet-Lite0 (ImageNet weights) on packaged footage, sequential "
+                                       "and pipelined, labels side by side")
+    demo.add_argument("--out", type=Path, default=Path("out"), metavar="DIR",
+                      help="where the videos, pictures and JSON lines go (default ./out)")
+    demo.add_argument("--frames", type=int, default=48, metavar="N", help="frames of each clip (default 48)")
+    demo.add_argument("--size", type=int, default=224, metavar="PX",
+                      help="the network's input height and width, a multiple of 32 (default 224)")
+    demo.add_argument("--parallel", type=int, default=4, metavar="K", help="stages of the pipelined network")
+    demo.add_argument("--clips", type=lambda s: [c for c in s.split(",") if c], default=["bikes", "vtest"],
+                      metavar="A,B", help="pipecomp.footage names or video files (default bikes,vtest)")
     pipe = sub.add_parser("pipeline", help="stream a synthetic clip through MODEL split over processes "
                                            "(torch.distributed; under torchrun, one rank per process)")
     _model_options(pipe)
@@ -311,9 +317,17 @@ def _viz(args):
     print(f"wrote {out}")
 
 
-def model_meta(spec: str, classes: int) -> tuple:
-    """(class names or None, torchvision weights whose transforms fit MODEL or None) for `spec`:
-    the weights it names, else its builder's DEFAULT weights when they have `classes` classes."""
+def model_meta(spec: str, classes: int, size: tuple) -> tuple:
+    """(class names or None, `video.Preprocess` or None) for MODEL `spec` at input `size` (H, W):
+    pipecomp's own models' and torchvision's weights' — the weights it names, else its builder's
+    DEFAULT ones (their metadata needs no download) when they have `classes` classes."""
+    from . import video
+
+    if spec == "pipecomp:efficientnet_lite0":
+        from . import models
+
+        # models.normalize: (255 x - 127) / 128 on every channel; the release's centre crop 224/256
+        return models.categories(), video.Preprocess(size, 224 / 256, (127 / 255,) * 3, (128 / 255,) * 3)
     if not spec.startswith("torchvision:"):
         return None, None
     from torchvision.models import get_model_weights
@@ -329,7 +343,7 @@ def model_meta(spec: str, classes: int) -> tuple:
     categories = weights.meta.get("categories")
     if categories is not None and len(categories) != classes:
         return None, None  # e.g. num_classes=10: neither the names nor (surely) the preprocessing apply
-    return categories, weights
+    return categories, video.Preprocess.of(weights, size)
 
 
 def _output_classes(net) -> int:
@@ -371,14 +385,14 @@ def _run(args):
     if args.workers is not None and args.workers > net.plan.parallel:
         raise UsageError(f"--workers {args.workers} exceeds the {net.plan.parallel} stages; use --parallel")
     classes = _output_classes(net)
-    categories, weights = model_meta(args.model, classes)
+    size = (height, width)
+    categories, pre = model_meta(args.model, classes, size)
     if labels is not None:
         if len(labels) != classes:
             raise UsageError(f"labels file '{args.labels}' has {len(labels)} names but {args.model} outputs "
                              f"{classes} classes; give one name per class, one per line")
         categories = labels
-    size = (height, width)
-    pre = video.Preprocess.of(weights, size) if weights is not None else video.Preprocess(size)
+    pre = pre or video.Preprocess(size)
     pre = video.Preprocess(size, None if args.no_resize else args.crop or pre.crop, args.mean or pre.mean,
                            args.std or pre.std)
     _say(f"opening {args.source}")
@@ -405,11 +419,26 @@ def _run(args):
 
 
 def _demo(args):
-    from . import demo
+    from . import demo, footage
 
-    if args.frames < 1 or args.size < 32:
-        raise UsageError("--frames must be >= 1 and --size >= 32 (ResNet-50 downsamples 32 times)")
-    demo.run(args.out, args.frames, args.size, _say)
+    if args.frames < 1 or args.size < 32 or args.size % 32 or args.parallel < 2:
+        raise UsageError("--frames must be >= 1, --size a multiple of 32 (EfficientNet-Lite0 downsamples 32 "
+                         "times) and --parallel >= 2")
+    for clip in args.clips:
+        if clip in footage.CLIPS:
+            try:
+                footage.footage(clip)
+            except FileNotFoundError as e:
+                raise UsageError(str(e))
+        elif not Path(clip).is_file():
+            raise UsageError(f"--clips: '{clip}' is neither a video file nor footage "
+                             f"({', '.join(footage.CLIPS)})")
+    try:
+        demo.run(args.out, args.frames, args.size, args.parallel, args.clips, _say)
+    except FileNotFoundError as e:  # the weights' package is missing
+        raise UsageError(str(e))
+    except ValueError as e:  # VideoError, CompileError (e.g. --parallel too large)
+        raise UsageError(str(e).splitlines()[0])
 
 
 def _pipeline(args):

