@@ -121,7 +121,8 @@ def _draw_timeline(picture: Path, title: str, seq, pipe, lag) -> None:
 
     counts = {}
     for r in seq + pipe:
-        counts[r["top"][0]["label"]] = counts.get(r["top"][0]["label"], 0) + 1
+        if r["reflects"] is not None:
+            counts[r["top"][0]["label"]] = counts.get(r["top"][0]["label"], 0) + 1
     named = sorted(counts, key=counts.get, reverse=True)[:10]
     colours = {label: tuple(int(c) for c in rgb) for label, rgb in zip(named, palette(len(named)))}
     cell, left, row = max(4, 720 // len(seq)), 190, 28

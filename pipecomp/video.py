@@ -121,7 +121,11 @@ class Frames:
         self.problem: str | None = None
         self.decoded = 0
         self._skipped, self._container = 0, None
-        images, self.fps, self._announced = self._open(Path(source))
+        try:
+            images, self.fps, self._announced = self._open(Path(source))
+        except VideoError:
+            self.close()  # a container opened without a usable video stream
+            raise
         self.fps = fps or self.fps
         self.count = self._announced if limit is None else min(limit, self._announced or limit)
         self._images = images
@@ -517,8 +521,8 @@ def _stop_on_ctrl_c(stop: threading.Event):
 
 def run(net, frames: Frames, *, workers=None, categories=None, k: int = 5, smooth: int = 1, video=None,
         jsonl=None, progress: bool = True, prepare="freeze") -> Summary:
-    """Streams `frames` through the compiled `net` causally, one tick per frame, on the threaded
-    runtime (`workers`: a count or devices; default one per stage, at most one per core).
+    """Streams `frames` through the compiled `net` (put in eval mode) causally, one tick per frame, on
+    the threaded runtime (`workers`: a count or devices; default one per stage, at most one per core).
 
     Each tick's output is turned into labels (`predict`, after `Smoother(smooth)`), written to
     `jsonl` (a path: one JSON object per frame) and drawn, with the frame rate and the network's
