@@ -67,7 +67,8 @@ def _torchvision(spec: str):
         close = difflib.get_close_matches(name, names, 5, 0.5)
         hint = f"close matches: {', '.join(close)}" if close else "see torchvision.models.list_models()"
         raise UsageError(f"unknown torchvision model '{name}'; {hint}")
-    weights = _weights_on_disk(name, str(kwargs.pop("weights"))) if kwargs.get("weights") is not None else None
+    requested = kwargs.pop("weights", None)
+    weights = None if requested is None else _weights_on_disk(name, str(requested))
     if name in segmentation:
         kwargs.setdefault("weights_backbone", None)  # the default would download ImageNet weights
     try:
@@ -338,8 +339,8 @@ def model_meta(spec: str, classes: int, size: tuple) -> tuple:
         enum = get_model_weights(name)
     except (KeyError, ValueError):  # a builder without published weights
         return None, None
-    weights = enum[str(_value(kwargs["weights"])).removeprefix(f"{enum.__name__}.")] if "weights" in kwargs \
-        else enum.DEFAULT
+    requested = _value(kwargs.get("weights", "None"))
+    weights = enum.DEFAULT if requested is None else enum[str(requested).removeprefix(f"{enum.__name__}.")]
     categories = weights.meta.get("categories")
     if categories is not None and len(categories) != classes:
         return None, None  # e.g. num_classes=10: neither the names nor (surely) the preprocessing apply

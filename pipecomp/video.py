@@ -461,8 +461,8 @@ def _reflects(net):
     def reflects(t: int):
         if t < len(known):
             return known[t]
-        old = known[tail + (t - tail) % hyper]
-        return None if old is None else old + (t - (tail + (t - tail) % hyper))
+        same = tail + (t - tail) % hyper  # the tick one whole number of hyperperiods earlier
+        return None if known[same] is None else known[same] + t - same
 
     return reflects
 
@@ -519,6 +519,29 @@ def _stop_on_ctrl_c(stop: threading.Event):
     return previous
 
 
+class _Overlay:
+    """Draws on a frame what the network says of it: a mask, the top labels, the frame rate and
+    the information latency (in frames, and in milliseconds at the source's frame rate)."""
+
+    def __init__(self, latency: int, frames: Frames, categories):
+        self.latency, self.fps = latency, frames.fps
+        self.box = frames.preprocess.box(frames.width, frames.height) if frames.preprocess else None
+        self.skip = (0,) if categories and categories[0] == "__background__" else ()
+        self.colours = None
+
+    def __call__(self, frame: Frame, output, top, fps: float) -> np.ndarray:
+        image, x = frame.image, _logits(output)
+        if x.dim() == 4 and self.box is not None:
+            self.colours = palette(x.shape[1]) if self.colours is None else self.colours
+            image = draw_mask(image, x[0].argmax(0).cpu().numpy(), self.box, self.colours, skip=self.skip)
+        text = ["(pipeline filling)"] if top is None else \
+            [f"{e['label']}  {e.get('p', e.get('share')):.0%}" for e in top[:3]]
+        info = f"{fps:.1f} fps   latency {_frames(self.latency)}"
+        if self.fps:
+            info += f" ({1000 * self.latency / self.fps:.0f} ms)"
+        return draw_text(image, [*text, info])
+
+
 def run(net, frames: Frames, *, workers=None, categories=None, k: int = 5, smooth: int = 1, video=None,
         jsonl=None, progress: bool = True, prepare="freeze") -> Summary:
     """Streams `frames` through the compiled `net` (put in eval mode) causally, one tick per frame, on
@@ -539,22 +562,22 @@ def run(net, frames: Frames, *, workers=None, categories=None, k: int = 5, smoot
     summary = Summary()
     reflects = _reflects(net)
     workers = workers or min(net.plan.parallel, _cores())
-    writer = video if video is None or isinstance(video, Writer) else Writer(video, frames.fps or 25.0)
-    lines = open(jsonl, "w") if jsonl is not None else None
-    colours = None
-    pending = collections.deque()
+    pending = collections.deque()  # frames given to the runtime whose outputs have not come yet
 
     def inputs():
         for frame in frames:
             pending.append(frame)
             yield frame.input
 
-    recent = collections.deque(maxlen=16)
+    recent = collections.deque(maxlen=16)  # when the last outputs came: the frame rate drawn
     start = time.perf_counter()
-    runtime = ticks = bar = None
+    runtime = ticks = bar = writer = lines = None
     stop = threading.Event()
     previous = _stop_on_ctrl_c(stop)
     try:
+        writer = video if video is None or isinstance(video, Writer) else Writer(video, frames.fps or 25.0)
+        lines = open(jsonl, "w") if jsonl is not None else None
+        overlay = _Overlay(net.latency, frames, categories)
         runtime = Runtime(net.eval(), workers, prepare=prepare)
         bar = tqdm(total=frames.count, unit="frame", file=sys.stderr, disable=not progress, dynamic_ncols=True)
         start = time.perf_counter()
@@ -563,7 +586,6 @@ def run(net, frames: Frames, *, workers=None, categories=None, k: int = 5, smoot
             for output in ticks:
                 frame = pending.popleft()
                 recent.append(time.perf_counter())
-                fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0
                 newest = reflects(frame.index)
                 record = {"frame": frame.index, "time": None if frame.time is None else round(frame.time, 4),
                           "reflects": newest, **predict(smoother(output), categories, k)}
@@ -577,21 +599,8 @@ def run(net, frames: Frames, *, workers=None, categories=None, k: int = 5, smoot
                     lines.write(json.dumps(record) + "\n")
                     lines.flush()  # a reader following the file sees each frame as it comes
                 if writer is not None:
-                    image = frame.image
-                    x = _logits(output)
-                    if x.dim() == 4:
-                        colours = palette(x.shape[1]) if colours is None else colours
-                        skip = (0,) if categories and categories[0] == "__background__" else ()
-                        mask = x[0].argmax(0).cpu().numpy()
-                        image = draw_mask(image, mask, frames.preprocess.box(frames.width, frames.height),
-                                          colours, skip=skip)
-                    text = [f"{e['label']}  {e.get('p', e.get('share')):.0%}" for e in top[:3]]
-                    if newest is None:
-                        text = ["(pipeline filling)"]
-                    info = f"{fps:.1f} fps   latency {_frames(net.latency)}"
-                    if frames.fps:
-                        info += f" ({1000 * net.latency / frames.fps:.0f} ms)"
-                    writer.write(draw_text(image, [*text, info]))
+                    fps = (len(recent) - 1) / (recent[-1] - recent[0]) if len(recent) > 1 else 0.0
+                    writer.write(overlay(frame, output, top if newest is not None else None, fps))
                 summary.frames += 1
                 bar.update()
                 if top:

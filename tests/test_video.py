@@ -386,6 +386,8 @@ def test_torchvision_weights_load_from_disk_and_only_from_disk(tmp_path, monkeyp
     torch.save(saved, tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
     model = load_model("torchvision:resnet18,weights=ResNet18_Weights.IMAGENET1K_V1")
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    untrained = load_model("torchvision:resnet18,weights=None")
+    assert not torch.equal(untrained.conv1.weight, saved["conv1.weight"])
 
 
 def test_class_names_and_preprocessing_come_from_the_weights_metadata():
@@ -396,6 +398,7 @@ def test_class_names_and_preprocessing_come_from_the_weights_metadata():
     names, pre = model_meta("torchvision:resnet18", 1000, (64, 64))
     assert names == torchvision.models.ResNet18_Weights.DEFAULT.meta["categories"]
     assert pre == video.Preprocess((64, 64), 224 / 256, video.IMAGENET_MEAN, video.IMAGENET_STD)
+    assert model_meta("torchvision:resnet18,weights=None", 1000, (64, 64)) == (names, pre)
     assert model_meta("torchvision:resnet18,num_classes=10", 10, (64, 64)) == (None, None)
     names, pre = model_meta("torchvision:lraspp_mobilenet_v3_large", 21, (64, 64))
     assert names[:2] == ["__background__", "aeroplane"] and pre.crop == 1.0  # segmentation: no crop
