@@ -62,7 +62,17 @@ def test_demo(tmp_path):
     sequential = [json.loads(line) for line in (out / "bikes_sequential.jsonl").read_text().splitlines()]
     pipelined = [json.loads(line) for line in (out / "bikes_pipelined.jsonl").read_text().splitlines()]
     assert [r["reflects"] for r in pipelined] == [None] * 3 + [0, 1, 2]
-    assert [r["top"][0]["label"] for r in sequential[:3]] == [r["top"][0]["label"] for r in pipelined[3:]]
+    # the image model itself on the same frames, preprocessed as EfficientNet-Lite0 was trained
+    import torch
+
+    from pipecomp import footage, models, video
+
+    model = models.efficientnet_lite0()
+    pre = video.Preprocess((64, 64), 224 / 256, (127 / 255,) * 3, (128 / 255,) * 3)
+    with video.Frames(footage.footage("bikes"), pre, limit=6) as frames, torch.no_grad():
+        want = [model(f.input)[0].argmax().item() for f in frames]
+    assert [r["top"][0]["class"] for r in sequential] == want
+    assert [r["top"][0]["class"] for r in pipelined[3:]] == want[:3]
     with av.open(str(out / "bikes_labels.mp4")) as c:
         assert sum(1 for _ in c.decode(video=0)) == 6
 
