@@ -382,6 +382,8 @@ def _run(args):
             labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
         except OSError as e:
             raise UsageError(f"cannot read labels file '{args.labels}': {e.strerror or e}")
+    if args.shift == "offline":
+        raise UsageError("run streams frame by frame, and offline shift needs future frames: use --shift online")
     net = _compile(args).eval()
     if args.workers is not None and args.workers > net.plan.parallel:
         raise UsageError(f"--workers {args.workers} exceeds the {net.plan.parallel} stages; use --parallel")
@@ -493,7 +495,7 @@ def _pipeline(args):
 
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (0; 2 for bad input; 1 without Graphviz's dot;
-    130 when Ctrl-C stopped `run`)."""
+    130 after Ctrl-C)."""
     try:
         args = _parser().parse_args(argv)
         if args.command == "compile":
@@ -511,4 +513,7 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f"pipecomp: error: {e}", file=sys.stderr)
         return e.status
+    except KeyboardInterrupt:  # Ctrl-C while building, compiling or preparing: nothing was written yet
+        print("pipecomp: interrupted", file=sys.stderr)
+        return 130
     return 0

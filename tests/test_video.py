@@ -296,6 +296,7 @@ BAD_SOURCES = [
     (lambda clip, tmp: clip, ["--input", "2,3,32,32"], "--input must be 1,3,H,W"),
     (lambda clip, tmp: clip, ["--workers", "3"], "--workers 3 exceeds the 1 stages"),
     (lambda clip, tmp: clip, ["--mean", "0.5,0.5"], "is not three numbers R,G,B"),
+    (lambda clip, tmp: clip, ["--shift", "offline"], "use --shift online"),
 ]
 
 
@@ -410,3 +411,12 @@ def test_class_names_and_preprocessing_come_from_the_weights_metadata():
     torch.testing.assert_close(video.Preprocess((224, 224), None, pre.mean, pre.std)(image),
                                models.normalize(torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255))
     assert len(names) == 1000
+
+
+def test_ctrl_c_before_streaming_is_status_130(monkeypatch, capsys):
+    def interrupted(spec):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pipecomp.cli.load_model", interrupted)
+    assert main(["run", "torchvision:resnet18", "clip.mp4"]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "pipecomp: interrupted"
