@@ -109,14 +109,16 @@ class Frames:
 
     `source` is a video file FFmpeg reads, a folder of images (in name order) or a camera
     (`/dev/video0`). Opening checks that the source exists, opens, and decodes at least one
-    frame, or raises `VideoError`. Iterate to get `Frame`s (at most `limit` of them). A stream that ends before its
-    announced length, or has frames FFmpeg cannot decode, ends after what it decoded, and
-    `problem` says so. `fps` and `count` are the source's (None where it does not say).
-    Close it (or use it as a context manager) to stop the thread early.
+    frame, or raises `VideoError`. Iterate to get `Frame`s (at most `limit` of them). A stream
+    that ends before its announced length, or has frames FFmpeg cannot decode, ends after what
+    it decoded, and `problem` says so. `fps` and `count` are the source's (None where it does
+    not say). Close it (or use it as a context manager) to stop the thread early.
     """
 
     def __init__(self, source, preprocess: Preprocess | None = None, *, fps: float | None = None,
                  limit: int | None = None, buffer: int = 8):
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit={limit}: give at least 1 frame, or None for the whole source")
         self.source, self.preprocess, self.limit = str(source), preprocess, limit
         self.problem: str | None = None
         self.decoded = 0
@@ -248,6 +250,7 @@ class Frames:
 
     def _next_frame(self) -> Frame | None:
         if self.decoded == self.limit:
+            self._finish()
             return None
         try:
             image, seconds = next(self._images)
@@ -267,8 +270,9 @@ class Frames:
     def _finish(self):
         notes = []
         if self._skipped:
-            notes.append(f"{self._skipped} corrupt {'frames' if self._container is None else 'packets'} skipped")
-        if self.count and self.decoded < self.count:
+            notes.append(f"{_plural(self._skipped, 'corrupt ' + ('frame' if self._container is None else 'packet'))}"
+                         f" skipped")
+        if self._container is not None and self.count and self.decoded < self.count:
             notes.append(f"the stream ended after {self.decoded} of the {self._announced} frames it announces")
         if notes:
             self.problem = "; ".join(notes)
@@ -495,8 +499,8 @@ class Summary:
         return text
 
 
-def _frames(n: int) -> str:
-    return f"{n} frame" + ("" if n == 1 else "s")
+def _plural(n: int, thing: str) -> str:
+    return f"{n} {thing}" + ("" if n == 1 else "s")
 
 
 def _times(n: int) -> str:
@@ -536,7 +540,7 @@ class _Overlay:
             image = draw_mask(image, x[0].argmax(0).cpu().numpy(), self.box, self.colours, skip=self.skip)
         text = ["(pipeline filling)"] if top is None else \
             [f"{e['label']}  {e.get('p', e.get('share')):.0%}" for e in top[:3]]
-        info = f"{fps:.1f} fps   latency {_frames(self.latency)}"
+        info = f"{fps:.1f} fps   latency {_plural(self.latency, 'frame')}"
         if self.fps:
             info += f" ({1000 * self.latency / self.fps:.0f} ms)"
         return draw_text(image, [*text, info])

@@ -141,9 +141,10 @@ def test_a_folder_of_images_is_a_video(clip, tmp_path):
     for i, image in enumerate(want):
         Image.fromarray(image).save(tmp_path / f"frame{i:03d}.png")
     (tmp_path / "notes.txt").write_text("not a frame")
+    (tmp_path / "frame001b.png").write_bytes(b"not a PNG")
     with video.Frames(tmp_path, video.Preprocess((136, 320), crop=None)) as frames:
         got = list(frames)
-    assert frames.fps is None and frames.count == 3 and frames.problem is None
+    assert frames.fps is None and frames.count == 4 and frames.problem == "1 corrupt frame skipped"
     assert all(np.array_equal(f.image, w) for f, w in zip(got, want))
     x = (torch.from_numpy(want[1]).permute(2, 0, 1).float() / 255 - torch.tensor(video.IMAGENET_MEAN)[:, None, None]) \
         / torch.tensor(video.IMAGENET_STD)[:, None, None]
