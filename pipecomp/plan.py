@@ -50,6 +50,10 @@ class Plan:
     def _nodes(self):
         return {n.name: n for n in self.graph.nodes}
 
+    def __getstate__(self):
+        # A copy's graph has new nodes (fx.Graph copies itself), so the name lookup is made anew.
+        return {k: v for k, v in self.__dict__.items() if k != "_nodes"}
+
     def nodes_of_stage(self, stage: int):
         return [n for n in self.graph.nodes if self.stage_of.get(n.name) == stage and n.op != "get_attr"]
 

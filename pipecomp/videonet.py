@@ -99,15 +99,19 @@ class VideoNet(nn.Module):
 
         Leaves the streaming state of `step` alone. Differentiable end to end.
         """
+        self._check_clip(clip)
+        return run_clip(self.plan, self, clip)
+
+    def _check_clip(self, clip):
+        """The clip fits the network: a [B, T, C, H, W] tensor of the example's frame size and dtype."""
         if not isinstance(clip, torch.Tensor):
-            raise TypeError(f"forward() takes a clip tensor [B, T, C, H, W], got {type(clip).__name__}")
+            raise TypeError(f"a clip must be a tensor [B, T, C, H, W], got {type(clip).__name__}")
         want = tuple(self.plan.example_shape[1:])
         if clip.dim() != 5 or tuple(clip.shape[2:]) != want:
             raise ValueError(f"clip has shape {list(clip.shape)}, expected [B, T, {', '.join(map(str, want))}]; "
                              f"for a single frame use step()")
         if clip.dtype != self.plan.example_dtype:
             raise ValueError(f"clip has dtype {clip.dtype}, expected {self.plan.example_dtype}")
-        return run_clip(self.plan, self, clip)
 
     def step_code(self) -> str:
         """The generated tick functions, one per stage and clock phase, as Python."""
