@@ -384,6 +384,10 @@ def _run(args):
             raise UsageError(f"cannot read labels file '{args.labels}': {e.strerror or e}")
     if args.shift == "offline":
         raise UsageError("run streams frame by frame, and offline shift needs future frames: use --shift online")
+    try:
+        video.check_source(args.source)  # before compiling, which can take a while
+    except video.VideoError as e:
+        raise UsageError(str(e))
     net = _compile(args).eval()
     if args.workers is not None and args.workers > net.plan.parallel:
         raise UsageError(f"--workers {args.workers} exceeds the {net.plan.parallel} stages; use --parallel")

@@ -105,6 +105,19 @@ class Frame:
 _END = object()
 
 
+def _is_camera(path: Path) -> bool:
+    return str(path).startswith("/dev/video") or path.is_char_device()
+
+
+def check_source(source) -> None:
+    """Raises `VideoError` unless `source` names a camera or an existing file or folder: the check
+    that needs no decoding, for callers that have slow work to do before opening it."""
+    path = Path(source)
+    if not _is_camera(path) and not path.exists():
+        raise VideoError(f"no such file or folder: '{source}'; give a video file, a folder of images or a "
+                         f"camera such as /dev/video0")
+
+
 class Frames:
     """The frames of `source`, decoded (and preprocessed) on a thread of their own.
 
@@ -179,13 +192,11 @@ class Frames:
         self.close()
 
     def _open(self, path: Path):
-        fix = "give a video file, a folder of images or a camera such as /dev/video0"
-        if str(path).startswith("/dev/video") or path.is_char_device():
+        check_source(path)
+        if _is_camera(path):
             return self._camera(path)
         if path.is_dir():
             return self._folder(path)
-        if not path.exists():
-            raise VideoError(f"no such file or folder: '{self.source}'; {fix}")
         return self._file(path)
 
     def _camera(self, path: Path):
@@ -637,5 +648,5 @@ def run(net, frames: Frames, *, workers=None, categories=None, k: int = 5, smoot
     return summary
 
 
-__all__ = ["Frames", "Frame", "Preprocess", "Writer", "VideoError", "Smoother", "Summary", "run", "predict",
+__all__ = ["Frames", "Frame", "check_source", "Preprocess", "Writer", "VideoError", "Smoother", "Summary", "run", "predict",
            "draw_text", "draw_mask", "palette", "IMAGENET_MEAN", "IMAGENET_STD"]
