@@ -308,8 +308,9 @@ def _rate(stream) -> float | None:
 
 class Writer:
     """Encodes RGB frames (H×W×3 uint8) into a video file: H.264 in .mp4/.mkv/.mov, MPEG-4 in
-    .avi, VP8 in .webm. The file opens at the first frame (which sets the size) and plays once
-    `close()` has run (the context manager closes it, also on Ctrl-C)."""
+    .avi, VP8 in .webm. The file opens at the first frame, which sets the size (later frames of
+    another size are scaled to it), and plays once `close()` has run (the context manager closes
+    it, also on Ctrl-C)."""
 
     def __init__(self, path, fps: float = 25.0):
         self.path = Path(path)
@@ -327,9 +328,14 @@ class Writer:
 
         if self._container is None:
             self._open(*image.shape[:2])
-        # yuv420p needs even sides: drop an odd last row or column
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[:self._stream.height, :self._stream.width]),
-                                           format="rgb24")
+        height, width = self._stream.height, self._stream.width
+        if image.shape[0] < height or image.shape[1] < width or image.shape[0] > height + 1 or \
+                image.shape[1] > width + 1:  # a folder's images need not share one size
+            from PIL import Image
+
+            image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+        # yuv420p needs even sides: an odd last row or column is dropped
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image[:height, :width]), format="rgb24")
         frame.pts = self.frames
         for packet in self._stream.encode(frame):
             self._container.mux(packet)

@@ -168,6 +168,15 @@ def test_writer_output_decodes_back(clip, tmp_path):
     got = _decode(tmp_path / "copy.mp4")
     assert len(got) == len(want) == writer.frames
     assert all(np.abs(a.astype(int) - b).mean() < 6 for a, b in zip(got, want))  # lossy, but these frames
+    with video.Writer(tmp_path / "sizes.avi") as writer:
+        writer.write(want[0][:67, :159])  # odd sides: the last row and column go
+        writer.write(want[1])  # another size: scaled to the first
+    got = _decode(tmp_path / "sizes.avi")
+    assert [g.shape for g in got] == [(66, 158, 3)] * 2
+    from PIL import Image
+
+    scaled = np.asarray(Image.fromarray(want[1]).resize((158, 66), Image.BILINEAR))
+    assert np.abs(got[1].astype(int) - scaled).mean() < 8
 
 
 def _lines(path) -> list:
