@@ -550,15 +550,16 @@ class _Overlay:
 
     def __init__(self, latency: int, frames: Frames, categories):
         self.latency, self.fps = latency, frames.fps
-        self.box = frames.preprocess.box(frames.width, frames.height) if frames.preprocess else None
+        self.preprocess = frames.preprocess
         self.skip = (0,) if categories and categories[0] == "__background__" else ()
         self.colours = None
 
     def __call__(self, frame: Frame, output, top, fps: float) -> np.ndarray:
         image, x = frame.image, _logits(output)
-        if x.dim() == 4 and self.box is not None:
+        if x.dim() == 4 and self.preprocess is not None:
             self.colours = palette(x.shape[1]) if self.colours is None else self.colours
-            image = draw_mask(image, x[0].argmax(0).cpu().numpy(), self.box, self.colours, skip=self.skip)
+            box = self.preprocess.box(image.shape[1], image.shape[0])  # where the network looked
+            image = draw_mask(image, x[0].argmax(0).cpu().numpy(), box, self.colours, skip=self.skip)
         text = ["(pipeline filling)"] if top is None else \
             [f"{e['label']}  {e.get('p', e.get('share')):.0%}" for e in top[:3]]
         info = f"{fps:.1f} fps   latency {_plural(self.latency, 'frame')}"
