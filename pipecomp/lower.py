@@ -23,6 +23,9 @@ from .ops import shift_online
 from .passes.shift import is_shift
 from .plan import Plan
 
+# Kinds of values that carry no frame content: never state, recomputed by each reader (semantics §3).
+_RECOMPUTED = ("value", "constant")
+
 
 def _is_inplace(root, v: fx.Node) -> bool:
     if v.op == "call_module":
@@ -37,9 +40,10 @@ def _is_inplace(root, v: fx.Node) -> bool:
 
 
 def firing(plan: Plan, nodes, tick: int) -> frozenset:
-    """The nodes among `nodes` that fire at `tick`. Shape values are left out: a tick function
-    recomputes them where they are needed, so their clocks do not make it a different one."""
-    return frozenset(n.name for n in nodes if info(n).get("kind") != "value"
+    """The nodes among `nodes` that fire at `tick`. Shape values and constants are left out: a
+    tick function recomputes them where they are needed, so their clocks do not make it a
+    different one."""
+    return frozenset(n.name for n in nodes if info(n).get("kind") not in _RECOMPUTED
                      and tick % plan.period_of[n.name] == plan.phase_of[n.name])
 
 
@@ -71,12 +75,13 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset, taps: bool = Fal
         return attrs[u]
 
     def shape_value(u):
-        # Shape values are recomputed where needed from any tensor of the right shape.
+        # Shape values are recomputed where needed from any tensor of the right shape,
+        # constants from parameters and buffers (semantics §3: neither is ever state).
         if u not in shapes:
             def src(w):
                 if w.op == "get_attr":
                     return attr(w)
-                if info(w).get("kind") == "value" and w.op in COMPUTE_OPS:
+                if info(w).get("kind") in _RECOMPUTED and w.op in COMPUTE_OPS:
                     return shape_value(w)
                 if w.op == "placeholder" or plan.stage_of[w.name] == stage:
                     return current(w)
@@ -87,7 +92,7 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset, taps: bool = Fal
     def arg(u, v):
         if u.op == "get_attr":
             return attr(u)
-        if info(u).get("kind") == "value" and u.op in COMPUTE_OPS:
+        if info(u).get("kind") in _RECOMPUTED and u.op in COMPUTE_OPS:
             return shape_value(u)
         d = plan.delay_of[(u.name, v.name)]
         return current(u) if d == 0 else read(f"{u.name}_d{d}")
@@ -96,7 +101,7 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset, taps: bool = Fal
     mine = [n for n in plan.nodes_of_stage(stage) if n.op in COMPUTE_OPS]
     for v in mine:
         kind = info(v).get("kind")
-        if kind == "value":
+        if kind in _RECOMPUTED:
             continue
         memory = f"{v.name}_mem" if is_shift(v) and plan.shift == "online" else None
         if memory and taps:
@@ -271,10 +276,15 @@ def _shift_clip(x, fold: int, direction: str):
     return torch.cat([ahead, back, x[:, :, 2 * fold:]], 2)
 
 
-def run_clip(plan: Plan, root, clip: torch.Tensor):
-    """Outputs of ticks 0..T-1 after a reset, computed node by node on whole time series."""
+def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None):
+    """Outputs of ticks 0..T-1 after a reset, computed node by node on whole time series.
+
+    With `stages`, only the nodes of those stages run, reading and writing `env` (node ->
+    (value, clock)); the output comes back only from the group holding the last stage (else
+    None). Model-parallel BPTT runs a clip so, one stage group after another.
+    """
     B, T = clip.shape[:2]
-    env = {}
+    env = {} if env is None else env
 
     def ticks(clock):
         return range(clock[1], T, clock[0])
@@ -297,6 +307,8 @@ def run_clip(plan: Plan, root, clip: torch.Tensor):
         return picked.flatten(0, 1)
 
     for v in plan.graph.nodes:
+        if stages is not None and v.op != "get_attr" and plan.stage_of[v.name] not in stages:
+            continue
         if v.op == "placeholder":
             env[v] = (clip.flatten(0, 1), (1, 0))
         elif v.op == "get_attr":
@@ -309,7 +321,7 @@ def run_clip(plan: Plan, root, clip: torch.Tensor):
                 if u.op == "get_attr" or info(u).get("kind") != "tensor" or env[u][1] is None:
                     return env[u][0]
                 return retime(u, plan.delay_of[(u.name, v.name)], clock)
-            if kind == "value":
+            if kind in _RECOMPUTED:  # computed once for the whole clip
                 args, kwargs = fx.map_arg((v.args, v.kwargs), lambda u: env[u][0])
                 env[v] = (_call(root, v, args, kwargs), None)
                 continue

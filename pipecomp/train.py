@@ -194,6 +194,10 @@ class _Pool:
             w.result()
         torch.set_num_threads(default)
 
+    def submit(self, fn, *args):
+        """`fn(*args)` on a worker, waited for: the other workers wait meanwhile."""
+        return self._pool.submit(fn, *args).result()
+
     def map(self, fn):
         """`fn(group)` for every group at once; the first failure is raised once all have ended."""
         futures = [self._pool.submit(fn, g) for g in self.groups]
@@ -220,11 +224,7 @@ class _Sideways:
         self.mine = list(range(len(self.steps)) if stages is None else stages)  # the stages this one runs
         self.pool = None
         if workers is not None:
-            from .schedule import Placement, schedule
-            placement = workers if isinstance(workers, Placement) else schedule(net, workers)
-            if any(torch.device(d).type != "cpu" for d in placement.devices):
-                raise ValueError(f"training runs every stage on the net's own device, so workers must be CPU "
-                                 f"threads, not {placement.devices}")
+            placement = _placement(net, workers)
             self.pool = _Pool(placement.groups, placement.threads_per_worker)
         self.reset()
 
@@ -329,16 +329,18 @@ def backward(net: VideoNet, clip: torch.Tensor, targets, loss_fn, *, rule: str =
     def target(t):
         return tree_map(lambda y: y[:, t - p], targets)
     losses = torch.full((T,), math.nan)
-    if rule == "bptt":
-        if workers is not None:
-            raise NotImplementedError("rule='bptt' runs on the caller's thread; workers= is for rule='sideways'")
-        outputs = net(clip)
+    def mean_loss(outputs):
         terms = []
         for t in W:
             out = tree_map_only(torch.Tensor, lambda y: y[:, t], outputs)
             terms.append(_loss(lambda o: loss_fn(o, target(t)), out))
             losses[t] = terms[-1].detach()
-        torch.stack(terms).mean().backward()
+        return torch.stack(terms).mean()
+    if rule == "bptt":
+        if workers is None:
+            mean_loss(net(clip)).backward()
+        else:
+            _model_parallel_bptt(net, clip, mean_loss, workers)
         return losses
     trainer = _Sideways(net, workers)
     try:
@@ -346,6 +348,53 @@ def backward(net: VideoNet, clip: torch.Tensor, targets, loss_fn, *, rule: str =
     finally:
         trainer.close()
     return losses
+
+
+def _model_parallel_bptt(net, clip, mean_loss, workers) -> None:
+    """BPTT with the stage groups on workers, each waiting for the others (the papers' BP baseline).
+
+    Group by group, each on a worker thread, computes its nodes over the whole clip (`run_clip`)
+    on detached copies of what earlier groups computed; then, in reverse order, each propagates
+    back from its own results, seeded with the gradients the later groups left on those copies.
+    """
+    from .lower import run_clip
+    placement = _placement(net, workers)
+    groups = placement.groups
+    pool = _Pool(groups, placement.threads_per_worker)
+    plan, env, copies = net.plan, {}, []  # copies: (group of the producer, its value, the detached copy)
+    try:
+        outputs = None
+        for group in groups:
+            for u, (value, clock) in list(env.items()):
+                if isinstance(value, torch.Tensor) and value.requires_grad and not value.is_leaf:
+                    leaf = value.detach().requires_grad_()
+                    env[u] = (leaf, clock)
+                    copies.append((_group_of(groups, plan.stage_of[u.name]), value, leaf))
+            out = pool.submit(run_clip, plan, net, clip, env, set(group))
+            outputs = out if out is not None else outputs
+        roots = {len(groups) - 1: [(pool.submit(mean_loss, outputs), None)]}
+        for g in reversed(range(len(groups))):
+            mine = [(v, torch.ones_like(v) if s is None else s) for v, s in roots.get(g, [])]
+            if mine:
+                pool.submit(torch.autograd.backward, [v for v, _ in mine], [s for _, s in mine])
+            for owner, value, leaf in copies:  # the later groups are done: their gradients are all on the copies
+                if owner == g - 1 and leaf.grad is not None:
+                    roots.setdefault(owner, []).append((value, leaf.grad))
+    finally:
+        pool.close()
+
+
+def _group_of(groups, stage: int) -> int:
+    return next(i for i, g in enumerate(groups) if stage in g)
+
+
+def _placement(net, workers):
+    from .schedule import Placement, schedule
+    placement = workers if isinstance(workers, Placement) else schedule(net, workers)
+    if any(torch.device(d).type != "cpu" for d in placement.devices):
+        raise ValueError(f"training runs every stage on the net's own device, so workers must be CPU threads, "
+                         f"not {placement.devices}")
+    return placement
 
 
 def episode(trainer: _Sideways, clip, targets, loss_fn, W, p: int, losses, exchange=None) -> None:

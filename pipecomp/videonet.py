@@ -25,6 +25,11 @@ class VideoNet(nn.Module):
             self.register_parameter(name, p)
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+        # Tensors that tracing made (fx's `_tensor_constant0`, say): not the model's, so buffers
+        # of ours, outside the state dict, that move with the network.
+        for n in plan.graph.nodes:
+            if n.op == "get_attr" and "." not in n.target and not hasattr(self, n.target):
+                self.register_buffer(n.target, getattr(plan.module, n.target), persistent=False)
         self.plan = plan
         self.training = model.training
         # Generated code lives in a plain list so that nn.Module does not register the
@@ -32,6 +37,14 @@ class VideoNet(nn.Module):
         self._stages = lower_steps(plan, self)
         self._state = None
         self._tick = 0
+
+    def __getstate__(self):
+        # The tick functions are generated from the plan: pickle the plan, generate them again.
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_stages", "_train_steps")}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._stages = lower_steps(self.plan, self)
 
     @property
     def latency(self) -> int:

@@ -40,7 +40,7 @@ def run(net, frames):
                 if u.op == "get_attr":
                     return functools.reduce(getattr, u.target.split("."), root)
                 if info(u).get("kind") != "tensor":
-                    return now[u.name]  # shape values and tuples are never delayed
+                    return now[u.name]  # shape values, constants and tuples are never delayed
                 d = plan.delay_of[(u.name, v.name)]
                 if d == 0:
                     return now[u.name]
@@ -51,7 +51,7 @@ def run(net, frames):
                 continue
             elif v.op == "output":
                 outputs.append(fx.map_arg(v.args[0], read))
-            elif info(v).get("kind") == "value" or t % plan.period_of[v.name] == plan.phase_of[v.name]:
+            elif info(v).get("kind") in ("value", "constant") or t % plan.period_of[v.name] == plan.phase_of[v.name]:
                 args, kwargs = fx.map_arg((v.args, v.kwargs), read)
                 if is_shift(v):
                     inp, fold = args[0], info(v)["fold"]
@@ -133,7 +133,7 @@ def sideways(net, frames, loss_fns):
                 continue
             elif v.op == "output":
                 output = fx.map_arg(v.args[0], read)
-            elif info(v).get("kind") == "value" or t % plan.period_of[v.name] == plan.phase_of[v.name]:
+            elif info(v).get("kind") in ("value", "constant") or t % plan.period_of[v.name] == plan.phase_of[v.name]:
                 args, kwargs = fx.map_arg((v.args, v.kwargs), read)
                 if is_shift(v):
                     inp, fold = args[0], info(v)["fold"]

@@ -348,3 +348,17 @@ def test_processes_train_like_one_thread():
         assert torch.allclose(value.float(), theirs[name].float(), atol=1e-6), name
     changed = [n for n, v in net.state_dict().items() if not torch.equal(v, untrained[n])]
     assert len(changed) == len(untrained)  # every parameter and batch-norm statistic was trained in its process
+
+
+@pytest.mark.parametrize("delays", ["diagonal", "aligned"])
+def test_model_parallel_bptt_equals_bptt(delays):
+    net = pipecomp.compile(chain(bn=True), parallel=4, delays=delays, clocks="halve", shift="online",
+                           shift_place="inplace", shift_fraction=0.25, example_input=(1, 3, SIZE, SIZE))
+    clip, y = episode(frames=6)
+    net.zero_grad(set_to_none=True)
+    want_losses = train.backward(net, clip, y, F.cross_entropy, rule="bptt")
+    want = grads_of(net)
+    net.zero_grad(set_to_none=True)
+    losses = train.backward(net, clip, y, F.cross_entropy, rule="bptt", workers=3)
+    assert torch.allclose(losses, want_losses, equal_nan=True)
+    assert_grads_close(grads_of(net), want)
