@@ -37,7 +37,7 @@ test: setup
 	PIPECOMP_AARCH64_PYTHON=$(AARCH64)/python3 $(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
-	for b in compiler phases runtime table2 tvm tvm_shift teacher_labels; do $(PY) benchmarks/bench_$$b.py || exit 1; done
+	for b in compiler phases runtime table2 tvm tvm_shift teacher_labels video; do $(PY) benchmarks/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .cache out

@@ -1,15 +1,16 @@
-"""`pipecomp` on the command line: compile a model, draw it, or run the demo.
+"""`pipecomp` on the command line: compile a model, draw it, stream a video through it, or run the demo.
 
     pipecomp compile torchvision:resnet50 --parallel 7 --clocks halve
     pipecomp viz torchvision:densenet121 --parallel 7 -o densenet.svg --view timeline
+    pipecomp run torchvision:resnet18 video.mp4 --parallel 4 -o out.mp4 --jsonl preds.jsonl
     pipecomp demo --out out
     pipecomp pipeline torchvision:resnet18 --parallel 4 --procs 2 --check
     pipecomp build torchvision:mobilenet_v2 --target rpi4 --parallel 2 --clocks halve -o out/mnv2
     torchrun --nproc-per-node 2 -m pipecomp pipeline torchvision:resnet18 --parallel 4
 
 MODEL is ``torchvision:NAME[,key=value...]`` (a classification or segmentation builder,
-always with weights=None) or ``path/to/file.py:FACTORY`` (a function returning an
-nn.Module). Bad input is one line on stderr and exit status 2.
+untrained unless ``weights=`` names weights already on disk) or ``path/to/file.py:FACTORY``
+(a function returning an nn.Module). Bad input is one line on stderr and exit status 2.
 ``pipecomp:efficientnet_lite0`` is EfficientNet-Lite0 with its ImageNet weights (pipecomp.models).
 """
 from __future__ import annotations
@@ -60,20 +61,40 @@ def _torchvision(spec: str):
         if not sep or not key.isidentifier():
             raise UsageError(f"builder argument '{pair}' in 'torchvision:{spec}' must be key=value")
         kwargs[key] = _value(text)
-    if "weights" in kwargs:
-        raise UsageError("pipecomp builds untrained torchvision models (weights=None); drop the weights= argument")
     segmentation = list_models(module=torchvision.models.segmentation)
     names = sorted(set(list_models(module=torchvision.models)) | set(segmentation))
     if name not in names:
         close = difflib.get_close_matches(name, names, 5, 0.5)
         hint = f"close matches: {', '.join(close)}" if close else "see torchvision.models.list_models()"
         raise UsageError(f"unknown torchvision model '{name}'; {hint}")
+    requested = kwargs.pop("weights", None)
+    weights = None if requested is None else _weights_on_disk(name, str(requested))
     if name in segmentation:
         kwargs.setdefault("weights_backbone", None)  # the default would download ImageNet weights
     try:
-        return get_model(name, weights=None, **kwargs)
+        return get_model(name, weights=weights, **kwargs)
     except Exception as e:
         raise UsageError(f"torchvision builder {name}({spec[len(name) + 1:]}) failed: {type(e).__name__}: {e}")
+
+
+def _weights_on_disk(name: str, which: str):
+    """torchvision's `weights=` enum member for `name`, if its file is already in torch's cache."""
+    import os
+    from urllib.parse import urlparse
+
+    import torch
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(name)
+    which = which.removeprefix(f"{enum.__name__}.")
+    if which not in enum.__members__:
+        raise UsageError(f"{name} has no weights '{which}'; choose from {', '.join(enum.__members__)}")
+    weights = enum[which]
+    file = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+    if not file.is_file():
+        raise UsageError(f"torchvision weights {weights} are not on disk ({file}) and pipecomp does not download; "
+                         f"fetch {weights.url} into that folder, or drop weights= for an untrained model")
+    return weights
 
 
 def _pipecomp(name: str):
@@ -140,6 +161,16 @@ def _shape(text: str) -> tuple:
     return dims
 
 
+def _triple(text: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"'{text}' is not three numbers R,G,B such as 0.485,0.456,0.406")
+    return values
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="torchvision:NAME[,key=value...] or path/to/file.py:FACTORY")
     p.add_argument("--parallel", type=int, default=1, metavar="K", help="pipeline stages (default 1)")
@@ -168,10 +199,41 @@ def _parser() -> argparse.ArgumentParser:
     viz.add_argument("--collapse", type=int, metavar="N",
                      help="group nodes by the first N components of their module (default: automatic)")
     viz.add_argument("--ticks", type=int, default=12, metavar="N", help="ticks in the time-space table")
-    demo = sub.add_parser("demo", help="ResNet-50, 7 stages, halving clocks, on a synthetic clip")
-    demo.add_argument("--out", type=Path, default=Path("out"), metavar="DIR", help="where pictures go (default ./out)")
-    demo.add_argument("--frames", type=int, default=32, metavar="N")
-    demo.add_argument("--size", type=int, default=224, metavar="PX", help="frame height and width (default 224)")
+    run = sub.add_parser("run", help="stream a video file, a folder of images or a camera through MODEL "
+                                     "and show its labels (or masks)")
+    _model_options(run)
+    run.add_argument("source", metavar="SOURCE", help="a video file FFmpeg reads, a folder of images, or a "
+                                                      "camera such as /dev/video0")
+    run.add_argument("--workers", type=int, metavar="N", help="threaded runtime workers (default: one per "
+                                                              "stage, at most one per core)")
+    run.add_argument("-o", "--output", metavar="VIDEO", help="write the frames with the labels drawn on them "
+                                                             "(.mp4, .mkv, .mov, .avi, .webm)")
+    run.add_argument("--jsonl", metavar="FILE", help="write each frame's predictions as one JSON line")
+    run.add_argument("--top", type=int, default=5, metavar="K", help="classes per frame (default 5)")
+    run.add_argument("--smooth", type=int, default=1, metavar="N",
+                     help="average the class probabilities over the last N ticks (default 1: none)")
+    run.add_argument("--labels", metavar="FILE", help="class names, one per line (default: the weights' own)")
+    run.add_argument("--mean", type=_triple, metavar="R,G,B", help="normalisation mean on [0, 1] pixels "
+                                                                   "(default: the weights', else ImageNet's)")
+    run.add_argument("--std", type=_triple, metavar="R,G,B", help="normalisation std (default as --mean)")
+    run.add_argument("--crop", type=float, metavar="F", help="fraction of the scaled frame kept by the centre "
+                                                             "crop (default: the weights', else 0.875)")
+    run.add_argument("--no-resize", action="store_true", help="feed frames as decoded: they must have --input's "
+                                                              "height and width")
+    run.add_argument("--fps", type=float, metavar="F", help="frame rate of a folder of images, or to override "
+                                                           "the source's (default: the source's, else 25)")
+    run.add_argument("--frames", type=int, metavar="N", help="stop after N frames (default: the whole source)")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo = sub.add_parser("demo", help="EfficientNet-Lite0 (ImageNet weights) on packaged footage, sequential "
+                                       "and pipelined, labels side by side")
+    demo.add_argument("--out", type=Path, default=Path("out"), metavar="DIR",
+                      help="where the videos, pictures and JSON lines go (default ./out)")
+    demo.add_argument("--frames", type=int, default=48, metavar="N", help="frames of each clip (default 48)")
+    demo.add_argument("--size", type=int, default=224, metavar="PX",
+                      help="the network's input height and width, a multiple of 32 (default 224)")
+    demo.add_argument("--parallel", type=int, default=4, metavar="K", help="stages of the pipelined network")
+    demo.add_argument("--clips", type=lambda s: [c for c in s.split(",") if c], default=["bikes", "vtest"],
+                      metavar="A,B", help="pipecomp.footage names or video files (default bikes,vtest)")
     pipe = sub.add_parser("pipeline", help="stream a synthetic clip through MODEL split over processes "
                                            "(torch.distributed; under torchrun, one rank per process)")
     _model_options(pipe)
@@ -256,12 +318,134 @@ def _viz(args):
     print(f"wrote {out}")
 
 
-def _demo(args):
-    from . import demo
+def model_meta(spec: str, classes: int, size: tuple) -> tuple:
+    """(class names or None, `video.Preprocess` or None) for MODEL `spec` at input `size` (H, W):
+    pipecomp's own models' and torchvision's weights' — the weights it names, else its builder's
+    DEFAULT ones (their metadata needs no download) when they have `classes` classes."""
+    from . import video
 
-    if args.frames < 1 or args.size < 32:
-        raise UsageError("--frames must be >= 1 and --size >= 32 (ResNet-50 downsamples 32 times)")
-    demo.run(args.out, args.frames, args.size, _say)
+    if spec == "pipecomp:efficientnet_lite0":
+        from . import models
+
+        # models.normalize: (255 x - 127) / 128 on every channel; the release's centre crop 224/256
+        return models.categories(), video.Preprocess(size, 224 / 256, (127 / 255,) * 3, (128 / 255,) * 3)
+    if not spec.startswith("torchvision:"):
+        return None, None
+    from torchvision.models import get_model_weights
+
+    name, *pairs = spec[len("torchvision:"):].split(",")
+    kwargs = dict(pair.partition("=")[::2] for pair in pairs)
+    try:
+        enum = get_model_weights(name)
+    except (KeyError, ValueError):  # a builder without published weights
+        return None, None
+    requested = _value(kwargs.get("weights", "None"))
+    weights = enum.DEFAULT if requested is None else enum[str(requested).removeprefix(f"{enum.__name__}.")]
+    categories = weights.meta.get("categories")
+    if categories is not None and len(categories) != classes:
+        return None, None  # e.g. num_classes=10: neither the names nor (surely) the preprocessing apply
+    return categories, video.Preprocess.of(weights, size)
+
+
+def _output_classes(net) -> int:
+    """Classes of the compiled model's output: the channel axis of its first tensor."""
+    import torch.fx as fx
+    from torch.utils._pytree import tree_leaves
+
+    from .analysis import info
+
+    output = next(n for n in net.plan.graph.nodes if n.op == "output")
+    first = next(n for n in tree_leaves(output.args) if isinstance(n, fx.Node) and "shape" in info(n))
+    shape = info(first)["shape"]
+    return shape[1] if len(shape) in (2, 4) else 0
+
+
+def _run(args):
+    from . import video
+
+    batch, channels, height, width = args.input
+    if batch != 1 or channels != 3:
+        raise UsageError(f"run feeds one RGB frame per tick, so --input must be 1,3,H,W, not "
+                         f"{','.join(map(str, args.input))}")
+    if min(args.top, args.smooth, args.workers or 1, args.frames or 1) < 1:
+        raise UsageError("--top, --smooth, --workers and --frames must be >= 1")
+    if args.crop is not None and (args.no_resize or not 0 < args.crop <= 1):
+        raise UsageError("--crop takes a fraction in (0, 1], and no --no-resize")
+    for path in (args.output, args.jsonl):
+        if path is not None and not Path(path).resolve().parent.is_dir():
+            raise UsageError(f"folder '{Path(path).parent}' for '{path}' does not exist; create it first")
+    if args.output is not None and Path(args.output).suffix.lower() not in video.CONTAINERS:
+        raise UsageError(f"cannot tell the video format of '{args.output}': use {', '.join(video.CONTAINERS)}")
+    labels = None
+    if args.labels is not None:
+        try:
+            labels = [line.strip() for line in Path(args.labels).read_text().splitlines() if line.strip()]
+        except OSError as e:
+            raise UsageError(f"cannot read labels file '{args.labels}': {e.strerror or e}")
+    if args.shift == "offline":
+        raise UsageError("run streams frame by frame, and offline shift needs future frames: use --shift online")
+    try:
+        video.check_source(args.source)  # before compiling, which can take a while
+    except video.VideoError as e:
+        raise UsageError(str(e))
+    net = _compile(args).eval()
+    if args.workers is not None and args.workers > net.plan.parallel:
+        raise UsageError(f"--workers {args.workers} exceeds the {net.plan.parallel} stages; use --parallel")
+    classes = _output_classes(net)
+    size = (height, width)
+    categories, pre = model_meta(args.model, classes, size)
+    if labels is not None:
+        if len(labels) != classes:
+            raise UsageError(f"labels file '{args.labels}' has {len(labels)} names but {args.model} outputs "
+                             f"{classes} classes; give one name per class, one per line")
+        categories = labels
+    pre = pre or video.Preprocess(size)
+    pre = video.Preprocess(size, None if args.no_resize else args.crop or pre.crop, args.mean or pre.mean,
+                           args.std or pre.std)
+    _say(f"opening {args.source}")
+    try:
+        frames = video.Frames(args.source, pre, fps=args.fps, limit=args.frames)
+    except video.VideoError as e:
+        raise UsageError(str(e))
+    about = f"{frames.width}x{frames.height}" + (f", {frames.fps:g} fps" if frames.fps else "") + \
+        (f", {frames.count} frames" if frames.count else "")
+    _say(f"streaming {args.source} ({about}) through {net.plan.parallel} stages, latency {net.latency} frames; "
+         f"preparing the threaded runtime first")
+    try:
+        summary = video.run(net, frames, workers=args.workers, categories=categories, k=args.top,
+                            smooth=args.smooth, video=args.output, jsonl=args.jsonl, progress=not args.quiet)
+    except video.VideoError as e:
+        raise UsageError(str(e))
+    print(summary)
+    for path in (args.output, args.jsonl):
+        if path is not None:
+            print(f"wrote {path}")
+    if summary.interrupted:
+        raise UsageError(f"interrupted after {summary.frames} frames; the files written so far are complete",
+                         status=130)
+
+
+def _demo(args):
+    from . import demo, footage
+
+    if args.frames < 1 or args.size < 32 or args.size % 32 or args.parallel < 2:
+        raise UsageError("--frames must be >= 1, --size a multiple of 32 (EfficientNet-Lite0 downsamples 32 "
+                         "times) and --parallel >= 2")
+    for clip in args.clips:
+        if clip in footage.CLIPS:
+            try:
+                footage.footage(clip)
+            except FileNotFoundError as e:
+                raise UsageError(str(e))
+        elif not Path(clip).is_file():
+            raise UsageError(f"--clips: '{clip}' is neither a video file nor footage "
+                             f"({', '.join(footage.CLIPS)})")
+    try:
+        demo.run(args.out, args.frames, args.size, args.parallel, args.clips, _say)
+    except FileNotFoundError as e:  # the weights' package is missing
+        raise UsageError(str(e))
+    except ValueError as e:  # VideoError, CompileError (e.g. --parallel too large)
+        raise UsageError(str(e).splitlines()[0])
 
 
 def _pipeline(args):
@@ -314,7 +498,8 @@ def _pipeline(args):
 
 
 def main(argv=None) -> int:
-    """Run the command line; returns the exit status (0; 2 for bad input; 1 without Graphviz's dot)."""
+    """Run the command line; returns the exit status (0; 2 for bad input; 1 without Graphviz's dot;
+    130 after Ctrl-C)."""
     try:
         args = _parser().parse_args(argv)
         if args.command == "compile":
@@ -325,9 +510,14 @@ def main(argv=None) -> int:
             _pipeline(args)
         elif args.command == "build":
             _build(args)
+        elif args.command == "run":
+            _run(args)
         else:
             _demo(args)
     except UsageError as e:
         print(f"pipecomp: error: {e}", file=sys.stderr)
         return e.status
+    except KeyboardInterrupt:  # Ctrl-C while building, compiling or preparing: nothing was written yet
+        print("pipecomp: interrupted", file=sys.stderr)
+        return 130
     return 0

@@ -46,15 +46,35 @@ def test_viz_writes_the_picture(tmp_path):
     assert "stage 2" in "".join(svg.itertext())
 
 
-@needs_dot
 def test_demo(tmp_path):
-    r = run("demo", "--size", "64", "--frames", "4", "--out", str(tmp_path / "out"))
+    """The demo's labels are EfficientNet-Lite0's (run by `pipecomp run`), its video plays."""
+    import json
+
+    import av
+
+    r = run("demo", "--size", "64", "--frames", "6", "--clips", "bikes", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr
-    assert "parallel=7, delays=diagonal" in r.stdout and "hyperperiod 16" in r.stdout
+    assert "agreement: 3 of 3 frames with the pipelined output 3 ticks later" in r.stdout
     assert r.stdout.count("frames/s") == 2
-    pictures = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert pictures == ["resnet50_graph.svg", "resnet50_timeline.svg"]
-    assert all(p in r.stdout for p in pictures)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["bikes_labels.mp4", "bikes_labels.png",
+                                                     "bikes_pipelined.jsonl", "bikes_sequential.jsonl"]
+    sequential = [json.loads(line) for line in (out / "bikes_sequential.jsonl").read_text().splitlines()]
+    pipelined = [json.loads(line) for line in (out / "bikes_pipelined.jsonl").read_text().splitlines()]
+    assert [r["reflects"] for r in pipelined] == [None] * 3 + [0, 1, 2]
+    # the image model itself on the same frames, preprocessed as EfficientNet-Lite0 was trained
+    import torch
+
+    from pipecomp import footage, models, video
+
+    model = models.efficientnet_lite0()
+    pre = video.Preprocess((64, 64), 224 / 256, (127 / 255,) * 3, (128 / 255,) * 3)
+    with video.Frames(footage.footage("bikes"), pre, limit=6) as frames, torch.no_grad():
+        want = [model(f.input)[0].argmax().item() for f in frames]
+    assert [r["top"][0]["class"] for r in sequential] == want
+    assert [r["top"][0]["class"] for r in pipelined[3:]] == want[:3]
+    with av.open(str(out / "bikes_labels.mp4")) as c:
+        assert sum(1 for _ in c.decode(video=0)) == 6
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -85,7 +105,7 @@ FILES = {
     (["compile", "notmodule.py:make"], "returned int, not an nn.Module"),
     (["compile", "good.py:mkae"], "no function 'mkae'; close matches: make"),
     (["compile", "resnet18"], "(torchvision:resnet18?)"),
-    (["compile", "torchvision:resnet18,weights=DEFAULT"], "weights=None"),
+    (["compile", "torchvision:resnet18,weights=DEFAULT"], "are not on disk"),
     (["compile", "torchvision:resnet18,num_clases=10"], "unexpected keyword argument 'num_clases'"),
     (["compile", "torchvision:resnet18,10"], "must be key=value"),
     (["compile", "torchvision:resnet18", "--input", "1,3"], "is not a frame shape"),
@@ -95,6 +115,7 @@ FILES = {
     (["viz", "torchvision:resnet18", "-o", "picture.jpeg"], "picture format"),
     (["viz", "torchvision:resnet18", "-o", "nowhere/picture.svg"], "'nowhere' does not exist"),
     (["demo", "--size", "8"], "--size"),
+    (["demo", "--clips", "nothing.mp4"], "'nothing.mp4' is neither a video file nor footage"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
     ([], "required: COMMAND"),
 ])
@@ -102,6 +123,7 @@ def test_bad_input(argv, message, tmp_path, monkeypatch, capsys):
     for name, text in FILES.items():
         (tmp_path / name).write_text(text)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no downloaded weights
     assert main(argv) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("pipecomp: error:")]
