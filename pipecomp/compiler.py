@@ -39,6 +39,14 @@ def _check_options(parallel, delays, clocks, max_period, shift, shift_fraction, 
         raise ValueError(f"cuts={cuts!r} must be a list of fx node names or module qualified names")
 
 
+def _check_added(skips, temporal):
+    if not (skips is None or isinstance(skips, int) or isinstance(skips, (list, tuple))):
+        raise ValueError(f"skips={skips!r} must be None, a jump (an integer >= 2) or a list of jumps")
+    if not (temporal is None or isinstance(temporal, int) or isinstance(temporal, dict)):
+        raise ValueError(f"temporal={temporal!r} must be None, a filter length k (an integer >= 2) or a "
+                         f"mapping from convolution name patterns to lengths")
+
+
 def _example(example_input):
     if isinstance(example_input, torch.Tensor):
         example = example_input.detach()
@@ -89,8 +97,8 @@ def _check_batch_axes(plan: Plan):
 
 def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", clocks=None,
             max_period: int | None = None, phases: str = "zero", shift: str | None = None, shift_fraction: float = 1 / 8,
-            shift_place: str = "residual", cuts=None, example_input=(1, 3, 224, 224),
-            leaf_modules=()) -> VideoNet:
+            shift_place: str = "residual", cuts=None, skips=None, temporal=None,
+            example_input=(1, 3, 224, 224), leaf_modules=()) -> VideoNet:
     """Compile an image model into a pipelined, causal video network.
 
     `parallel` stages (or explicit `cuts`), `delays` ("diagonal": depth-parallel with
@@ -98,12 +106,16 @@ def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", cl
     pipelining), `clocks` (multi-rate, sec. 3.1; "halve" doubles the period every time the
     resolution halves; `phases="align"` fires each slow node when its inputs' new values reach
     it: fresher outputs, and the slow work spread over the ticks), `shift` (TSM, online or
-    offline). The contract is semantics.md.
+    offline). Added connections that start at zero (sec. 3.2, §9): `skips` (a jump `j`
+    or a list: temporal skips into every stage `s >= j` from `j` stages below) and `temporal`
+    (`k`, or `{pattern: k}`: convolutions become causal temporal filters of length `k`).
+    The contract is semantics.md.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile() takes an nn.Module, got {type(model).__name__}")
     _check_options(parallel, delays, clocks, max_period, shift, shift_fraction, shift_place, cuts)
     _choice("phases", phases, passes.PHASES)
+    _check_added(skips, temporal)
     example = _example(example_input)
     gm = trace(model, leaf_modules)
     annotate(gm, example)
@@ -112,6 +124,8 @@ def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", cl
     plan = passes.insert_shifts(plan, shift, shift_fraction, shift_place)
     plan = passes.assign_clocks(plan, clocks, max_period)
     plan = passes.partition(plan, parallel, cuts)
+    plan = passes.add_temporal(plan, temporal)
+    plan = passes.add_skips(plan, skips)
     plan = passes.assign_delays(plan, delays)
     plan = passes.assign_phases(plan, phases)
     plan = passes.allocate_state(plan)

@@ -28,6 +28,11 @@ class Plan:
     phase_of: dict = field(default_factory=dict)
     phases: str = "zero"
     shift_nodes: tuple = ()
+    #: nodes of the added connections (semantics §9), in the order their passes made them;
+    #: each has ``node.meta["pipecomp"]["added"]``: "skip" or "temporal"
+    added_nodes: tuple = ()
+    #: ticks the added connections put on an edge on top of the delay mode's own: (u, v) -> ticks
+    extra_delay: dict = field(default_factory=dict)
     #: register depth of every tensor node that has one: name -> D (registers name_d1..name_dD)
     registers: dict = field(default_factory=dict)
     #: per stage: FLOPs per frame without clocks; with clocks, as the tick functions execute
@@ -70,6 +75,18 @@ class Plan:
         mean = sum(costs) / len(costs) if costs else 0
         return max(costs) / mean if mean else 1.0
 
+    def added_costs(self) -> dict:
+        """Per kind of added connection ("skip", "temporal"): (nodes, parameters, FLOPs per frame)."""
+        costs = {}
+        for name in self.added_nodes:
+            n = self.node(name)
+            kind = n.meta["pipecomp"]["added"]
+            nodes, params, flops = costs.get(kind, (0, 0, 0.0))
+            if n.op == "call_module":
+                params += sum(p.numel() for p in self.module.get_submodule(n.target).parameters())
+            costs[kind] = (nodes + 1, params, flops + n.meta["pipecomp"]["flops"] / self.example_shape[0])
+        return costs
+
     @property
     def hyperperiod(self) -> int:
         return math.lcm(*self.period_of.values()) if self.period_of else 1
@@ -98,6 +115,9 @@ class Plan:
             f"clock speed-up: {self.clock_speedup:.2f}x (hyperperiod {self.hyperperiod}"
             + (", phases aligned)" if self.phases == "align" else ")"),
         ]
+        for kind, (nodes, params, flops) in self.added_costs().items():
+            out.append(f"added {kind} connections: {nodes} nodes, {_si(params)} params, {_si(flops)} FLOPs/frame "
+                       f"(counted in the table)")
         return "\n".join(out)
 
 
