@@ -29,7 +29,9 @@ class Plan:
     phases: str = "zero"
     shift_nodes: tuple = ()
     #: nodes of the added connections (semantics §9), in the order their passes made them;
-    #: each has ``node.meta["pipecomp"]["added"]``: "skip" or "temporal"
+    #: each has ``node.meta["pipecomp"]["added"]``: "skip" or "temporal", and ``["clock"]``:
+    #: ``(u, lag)``, it ticks on `u`'s period `lag` ticks after `u` (so that it adds nothing to
+    #: when the image model's nodes fire, however phases are chosen)
     added_nodes: tuple = ()
     #: ticks the added connections put on an edge on top of the delay mode's own: (u, v) -> ticks
     extra_delay: dict = field(default_factory=dict)

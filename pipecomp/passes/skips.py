@@ -7,7 +7,7 @@ pooling down, bilinear up; a global mean onto a vector `[B, C]`) and maps its ch
 added to `v_s` before stage `s` reads it. The edge into the adapter crosses `j` stages, so the
 delays pass gives it 1 with `delays="diagonal"` and `j` with `"aligned"`, as for any edge.
 Nodes ``skip_s<s>_j<j>`` (module ``skips.s<s>_j<j>``), its ``_resize`` and ``_sum``, run on
-`v_s`'s clock. The pass runs after partition: it needs the stages.
+`v_s`'s period, one tick after it. The pass runs after partition: it needs the stages.
 """
 from __future__ import annotations
 
@@ -98,9 +98,13 @@ def add_skips(plan: Plan, skips) -> Plan:
     added, modules, graph, env, joined = list(plan.added_nodes), {}, fx.Graph(), {}, {}
 
     def node(op, target, args, name, meta, s, v):
+        # The sum reads v_s one tick late (it crosses one stage), so it fires one tick after v_s:
+        # then it holds v_s's newest value plus the adapter's whenever stage s reads it, as stage s
+        # read v_s itself before.
         n = graph.create_node(op, target, args, name=name)
-        n.meta["pipecomp"] = meta
-        stage_of[n.name], period_of[n.name], phase_of[n.name] = s, plan.period_of[v.name], plan.phase_of[v.name]
+        n.meta["pipecomp"] = {**meta, "clock": (v.name, 1)}
+        period = plan.period_of[v.name]
+        stage_of[n.name], period_of[n.name], phase_of[n.name] = s, period, (plan.phase_of[v.name] + 1) % period
         added.append(n.name)
         return n
 

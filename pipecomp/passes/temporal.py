@@ -93,10 +93,11 @@ def add_temporal(plan: Plan, temporal) -> Plan:
             target = f"temporal.{n.name}.past{i}"
             modules[target], flops = _tap(conv, info(x), info(n), n.name)
             tap = graph.create_node("call_module", target, (env[x],), name=f"{n.name}_past{i}")
-            tap.meta["pipecomp"] = {**info(n), "flops": flops, "module": target, "added": "temporal"}
+            tap.meta["pipecomp"] = {**info(n), "flops": flops, "module": target, "added": "temporal",
+                                    "clock": (n.name, 0)}
             total = graph.create_node("call_function", operator.add, (total, tap), name=f"{n.name}_sum{i}")
             total.meta["pipecomp"] = {**info(n), "flops": info(n)["bytes"] // info(n)["dtype"].itemsize,
-                                      "module": target, "added": "temporal"}
+                                      "module": target, "added": "temporal", "clock": (n.name, 0)}
             for new in (tap, total):
                 stage_of[new.name] = plan.stage_of[n.name]
                 period_of[new.name], phase_of[new.name] = plan.period_of[n.name], plan.phase_of[n.name]
