@@ -190,3 +190,55 @@ def test_bad_values_are_refused_with_the_fix():
         compiled(2, parallel=1)
     with pytest.raises(ValueError, match="skips='2' must be"):
         compiled("2")
+
+
+# -- every backend runs the added connections ----------------------------------------------------
+def _both(**options):
+    """A fresh net with skips and temporal filters, the same net with its adapters set, and the plain one."""
+    torch.manual_seed(0)
+    model = deep().eval()
+    shape = dict(example_input=(2, 3, SIZE, SIZE), parallel=4, clocks="halve", **options)
+    plain = pipecomp.compile(copy.deepcopy(model), **shape).eval()
+    fresh = pipecomp.compile(copy.deepcopy(model), skips=[2, 3], temporal=2, **shape).eval()
+    tuned = pipecomp.compile(model, skips=[2, 3], temporal=2, **shape).eval()
+    randomise_added(tuned)
+    return plain, fresh, tuned, [torch.randn(2, 3, SIZE, SIZE) for _ in range(7)]
+
+
+def _steps(net, xs):
+    net.reset()
+    with torch.no_grad():
+        return [net.step(x) for x in xs]
+
+
+@pytest.mark.parametrize("prepare", [None, "freeze"])
+def test_threads_run_the_added_connections(prepare):
+    from pipecomp.backends.threaded import Runtime
+    plain, fresh, tuned, xs = _both()
+    for net, want in ((fresh, _steps(plain, xs)), (tuned, _steps(tuned, xs))):
+        with Runtime(net, 2, prepare=prepare) as rt:
+            got = [rt.step(x) for x in xs]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_processes_run_the_added_connections():
+    from pipecomp.backends import distributed
+    plain, fresh, tuned, xs = _both(shift="online", shift_place="inplace")
+    for net, want in ((fresh, _steps(plain, xs)), (tuned, _steps(tuned, xs))):
+        got = distributed.launch(net, xs, nprocs=2, timeout=120)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+
+
+def test_tvm_runs_the_added_connections():
+    # A fresh net's step equals the plain net's (above), so one build of the tuned net suffices.
+    pytest.importorskip("tvm")
+    from pipecomp.backends import tvm as backend
+    _, _, tuned, xs = _both()
+    want = _steps(tuned, xs)
+    with backend.build(tuned, "host", workers=1) as program:
+        program.reset()
+        got = [torch.from_numpy(program.step(x.numpy())) for x in xs]
+    for g, w in zip(got, want):
+        assert (g - w).abs().max() <= 1e-4 * w.abs().max()
