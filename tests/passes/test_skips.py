@@ -242,3 +242,24 @@ def test_tvm_runs_the_added_connections():
         got = [torch.from_numpy(program.step(x.numpy())) for x in xs]
     for g, w in zip(got, want):
         assert (g - w).abs().max() <= 1e-4 * w.abs().max()
+
+
+def test_pictures_draw_added_nodes_and_edges_in_their_own_style():
+    pytest.importorskip("graphviz")
+    from pipecomp.viz import to_dot
+    from tests.test_viz import _check, parse
+    net = compiled(2, parallel=4, temporal={"0": 2})
+    plan = net.plan
+    nodes, box_of = _check(plan, to_dot(net, collapse=10).source)  # every crossing drawn, with its delay
+    assert {n for n, (_, a) in nodes.items() if a.get("class") == "pc-added"} == set(plan.added_nodes)
+    source = to_dot(net, collapse=10).source
+    assert "added temporal skip (starts at zero)" in source and "added temporal filter (starts at zero)" in source
+    assert f"{len(plan.added_nodes)} added nodes" in source and "added connection's node" in source
+    _, edges, _ = parse(source)
+    drawn = {(a, b): e for a, b, e in edges}
+    tap = drawn[("input_1", "_0_past1")]  # inside stage 0, one tick old
+    assert tap["class"] == "pc-added" and tap["label"] == "d=1" and tap["style"] == "bold"
+    first = plan.node(next(n for n in plan.added_nodes if n.startswith("skip_s2_j2")))
+    skip = drawn[(first.args[0].name, first.name)]
+    assert skip["class"] == "pc-crossing pc-skip pc-added" and skip["label"] == "d=1 skip"
+    assert skip["style"] == "dashed"
