@@ -263,3 +263,27 @@ def test_pictures_draw_added_nodes_and_edges_in_their_own_style():
     skip = drawn[(first.args[0].name, first.name)]
     assert skip["class"] == "pc-crossing pc-skip pc-added" and skip["label"] == "d=1 skip"
     assert skip["style"] == "dashed"
+
+
+def test_the_command_line_compiles_added_connections(capsys):
+    from pipecomp.cli import main
+    assert main(["compile", "torchvision:resnet18,num_classes=10", "--parallel", "4", "--skips", "2,3",
+                 "--temporal", "layer1.*=2", "--input", "1,3,32,32"]) == 0
+    out = capsys.readouterr().out
+    assert "added skip connections: 9 nodes" in out  # 3 adapters (s2 j2, s3 j2, s3 j3) of 3 nodes
+    assert "added temporal connections: 8 nodes" in out  # the 4 convolutions of layer1, k = 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--skips", "two"], "'two' is not a jump J"),
+    (["--skips", "1"], "skip jump 1 must be an integer from 2 to parallel-1 = 3"),
+    (["--temporal", "x=y"], "'x=y' is not a filter length K"),
+    (["--temporal", "1"], "temporal filter length 1 must be an integer >= 2"),
+    (["--temporal", "layer9*=2"], "temporal pattern 'layer9*' matches no convolution"),
+])
+def test_the_command_line_refuses_bad_added_connections(argv, message, capsys):
+    from pipecomp.cli import main
+    assert main(["compile", "torchvision:resnet18", "--parallel", "4", "--input", "1,3,32,32", *argv]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("pipecomp: error:")]
+    assert len(errors) == 1 and message in errors[0], err
