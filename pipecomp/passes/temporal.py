@@ -38,10 +38,11 @@ def _selected(plan: Plan, temporal):
     for pattern, k in temporal.items():
         hits = [n for n in convs if fnmatch.fnmatchcase(n.name, pattern) or fnmatch.fnmatchcase(info(n)["module"], pattern)]
         if not hits:
+            examples = " or ".join(repr(e) for e in dict.fromkeys((convs[0].name, info(convs[0])["module"]))) \
+                if convs else "none: the model has no convolution"
             raise ValueError(f"temporal pattern {pattern!r} matches no convolution (nn.Conv1d/2d/3d) of "
                              f"{type(plan.module).__name__}; patterns are fnmatch on fx node names or module "
-                             f"names, e.g. {convs[0].name!r} or {info(convs[0])['module']!r}" if convs else
-                             f"temporal pattern {pattern!r} matches no convolution: the model has none")
+                             f"names, e.g. {examples}")
         for n in hits:
             chosen.setdefault(n, k)
     return [(n, chosen[n]) for n in convs if n in chosen]

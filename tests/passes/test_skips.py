@@ -4,11 +4,14 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import pipecomp
 from pipecomp import train
 from tests import reference
+from tests.test_properties import compiled as graphs
 from tests.passes.test_temporal import added_params, clip, randomise_added, stream
 from tests.test_train import chain
 
@@ -287,3 +290,37 @@ def test_the_command_line_refuses_bad_added_connections(argv, message, capsys):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("pipecomp: error:")]
     assert len(errors) == 1 and message in errors[0], err
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_on_random_graphs_fresh_connections_change_nothing_and_set_ones_match_the_reference(data):
+    model, plain = data.draw(graphs(shift=False))
+    options = {k: getattr(plain.plan, k) for k in ("delays", "phases")}
+    clocks = {n: (plain.plan.period_of[n], plain.plan.phase_of[n]) for n in plain.plan.period_of}
+    parallel = plain.plan.parallel
+    added = dict(temporal=data.draw(st.sampled_from([None, 2, {"stem": 3}])))
+    if parallel >= 3:
+        added["skips"] = data.draw(st.sampled_from([2, list(range(2, parallel))]))
+    # The plain net's own clocks, by node name, so that both compile to the same schedule.
+    try:
+        net = pipecomp.compile(model, parallel=parallel, clocks=lambda n: clocks.get(n.name),
+                               example_input=(1, 3, 16, 16), **options, **added)
+    except pipecomp.CompileError as e:  # a stage fed only by a long edge has no value entering it
+        assert "reads no tensor from stage" in str(e)
+        assume(False)
+    x = torch.randn(2, 5, 3, 16, 16)
+    leaves = torch.utils._pytree.tree_leaves
+    with torch.no_grad():
+        for a, b in zip(leaves(net(x)), leaves(plain(x)), strict=True):
+            assert torch.equal(a, b)
+    randomise_added(net)
+    with torch.no_grad():
+        got = leaves(net(x))
+        ref = reference.run(net, list(x.unbind(1)))
+        net.reset()
+        steps = [net.step(x[:, t]) for t in range(5)]
+    for t in range(5):
+        for clip_t, step_t, ref_t in zip([a[:, t] for a in got], leaves(steps[t]), leaves(ref[t]), strict=True):
+            torch.testing.assert_close(clip_t, ref_t)
+            torch.testing.assert_close(step_t, ref_t)
