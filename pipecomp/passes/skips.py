@@ -96,6 +96,7 @@ def add_skips(plan: Plan, skips) -> Plan:
             adapters.setdefault(s, []).append((j, src))
     stage_of, period_of, phase_of = dict(plan.stage_of), dict(plan.period_of), dict(plan.phase_of)
     added, modules, graph, env, joined = list(plan.added_nodes), {}, fx.Graph(), {}, {}
+    extra = dict(plan.extra_delay)
 
     def node(op, target, args, name, meta, s, v):
         # The sum reads v_s one tick late (it crosses one stage), so it fires one tick after v_s:
@@ -134,7 +135,9 @@ def add_skips(plan: Plan, skips) -> Plan:
         if s in joined:
             v, total = joined[s]
             env[n] = graph.node_copy(n, lambda a: total if a is v else env[a])
+            if (v.name, n.name) in extra:  # a temporal filter's tap now reads the sum in v's place
+                extra[(total.name, n.name)] = extra.pop((v.name, n.name))
         else:
             env[n] = graph.node_copy(n, lambda a: env[a])
     return rebuild(plan, graph, modules, stage_of=stage_of, period_of=period_of, phase_of=phase_of,
-                   added_nodes=tuple(added))
+                   extra_delay=extra, added_nodes=tuple(added))

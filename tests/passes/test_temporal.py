@@ -114,6 +114,20 @@ def test_the_plan_lists_the_taps_their_stages_clocks_delays_and_state():
     assert "self.temporal._4.past2(" in net.step_code()
 
 
+@pytest.mark.parametrize("options", [dict(), dict(clocks="halve", delays="aligned"), dict(skips=2, clocks="halve")])
+def test_every_tap_reads_its_convolutions_input_i_firings_earlier(options):
+    from tests.passes.test_skips import deep
+    plan = pipecomp.compile(deep(), parallel=4, temporal=3, example_input=(1, 3, SIZE, SIZE), **options).plan
+    taps = [plan.node(n) for n in plan.added_nodes if "_past" in n]
+    assert len(taps) == 2 * 5
+    for tap in taps:
+        conv, i = plan.node(tap.name.rsplit("_past", 1)[0]), int(tap.name.rsplit("_past", 1)[1])
+        (x,) = tap.args
+        assert x is conv.args[0]  # the convolution's input, whatever the skips made of it
+        want = plan.delay_of[(x.name, conv.name)] + i * plan.period_of[conv.name]
+        assert plan.delay_of[(x.name, tap.name)] == want
+
+
 def test_an_integer_selects_every_spatial_convolution_and_a_pattern_some():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 4, 3, padding=1))
     net = pipecomp.compile(model, temporal=2, example_input=(1, 3, SIZE, SIZE))
