@@ -90,6 +90,8 @@ def test_the_plan_lists_each_adapter_its_stage_delay_and_sources(delays):
         assert all(plan.stage_of[r.name] != s for r in v.users if r is not total)
         assert total.users
     assert "added skip connections: 6 nodes" in plan.report()
+    code = compiled(3, delays=delays).step_code()
+    assert "skip_s3_j3 = self.skips.s3_j3(skip_s3_j3_resize)" in code
 
 
 def _first_tick_that_sees_frame_zero(net, frames=8):
