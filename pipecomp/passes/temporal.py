@@ -97,8 +97,9 @@ def add_temporal(plan: Plan, temporal) -> Plan:
             tap.meta["pipecomp"] = {**info(n), "flops": flops, "module": target, "added": "temporal",
                                     "clock": (n.name, 0)}
             total = graph.create_node("call_function", operator.add, (total, tap), name=f"{n.name}_sum{i}")
-            total.meta["pipecomp"] = {**info(n), "flops": info(n)["bytes"] // info(n)["dtype"].itemsize,
-                                      "module": target, "added": "temporal", "clock": (n.name, 0)}
+            # FLOPs as the analyses count them (torch.utils.flop_counter counts no additions).
+            total.meta["pipecomp"] = {**info(n), "flops": 0, "module": target, "added": "temporal",
+                                      "clock": (n.name, 0)}
             for new in (tap, total):
                 stage_of[new.name] = plan.stage_of[n.name]
                 period_of[new.name], phase_of[new.name] = plan.period_of[n.name], plan.phase_of[n.name]
