@@ -171,6 +171,24 @@ def _triple(text: str) -> tuple:
     return values
 
 
+def _skips(text: str):
+    try:
+        jumps = [int(j) for j in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a jump J or a list of jumps J,J such as 2,3")
+    return jumps[0] if len(jumps) == 1 else jumps
+
+
+def _temporal(text: str):
+    try:
+        if "=" not in text:
+            return int(text)
+        return {pattern: int(k) for pattern, k in (item.rsplit("=", 1) for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a filter length K or PATTERN=K[,PATTERN=K...] "
+                                         f"such as 3 or 'layer1.*=3'")
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="torchvision:NAME[,key=value...] or path/to/file.py:FACTORY")
     p.add_argument("--parallel", type=int, default=1, metavar="K", help="pipeline stages (default 1)")
@@ -184,6 +202,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift-place", choices=("residual", "inplace"), default="residual")
     p.add_argument("--cuts", type=lambda s: [c for c in s.split(",") if c], metavar="A,B",
                    help="explicit stage boundaries: fx node or module names (instead of --parallel)")
+    p.add_argument("--skips", type=_skips, metavar="J[,J]",
+                   help="temporal skips into every stage s >= J from J stages below (start at zero)")
+    p.add_argument("--temporal", type=_temporal, metavar="K|PATTERN=K",
+                   help="causal temporal filters of length K on every spatial convolution, or on those "
+                        "matching PATTERN (start at zero)")
     p.add_argument("--input", type=_shape, default=(1, 3, 224, 224), metavar="B,C,H,W",
                    help="example frame shape (default 1,3,224,224)")
 
@@ -292,7 +315,7 @@ def _compile(args):
         return pipecomp.compile(
             model, parallel=args.parallel, delays=args.delays, clocks=None if args.clocks == "none" else "halve",
             max_period=args.max_period, phases=args.phases, shift=args.shift, shift_place=args.shift_place, cuts=args.cuts,
-            example_input=args.input)
+            skips=args.skips, temporal=args.temporal, example_input=args.input)
     except (ValueError, TypeError) as e:  # CompileError is a ValueError
         raise UsageError(str(e).splitlines()[0])
 

@@ -39,6 +39,14 @@ def _check_options(parallel, delays, clocks, max_period, shift, shift_fraction, 
         raise ValueError(f"cuts={cuts!r} must be a list of fx node names or module qualified names")
 
 
+def _check_added(skips, temporal):
+    if not (skips is None or isinstance(skips, int) or isinstance(skips, (list, tuple))):
+        raise ValueError(f"skips={skips!r} must be None, a jump (an integer >= 2) or a list of jumps")
+    if not (temporal is None or isinstance(temporal, int) or isinstance(temporal, dict)):
+        raise ValueError(f"temporal={temporal!r} must be None, a filter length k (an integer >= 2) or a "
+                         f"mapping from convolution name patterns to lengths")
+
+
 def _example(example_input):
     if isinstance(example_input, torch.Tensor):
         example = example_input.detach()
@@ -117,8 +125,8 @@ def _trace(model, leaf_modules, example):
 
 def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", clocks=None,
             max_period: int | None = None, phases: str = "align", shift: str | None = None, shift_fraction: float = 1 / 8,
-            shift_place: str = "residual", cuts=None, example_input=(1, 3, 224, 224),
-            leaf_modules=()) -> VideoNet:
+            shift_place: str = "residual", cuts=None, skips=None, temporal=None,
+            example_input=(1, 3, 224, 224), leaf_modules=()) -> VideoNet:
     """Compile an image model into a pipelined, causal video network.
 
     `parallel` stages (or explicit `cuts`), `delays` ("diagonal": depth-parallel with
@@ -126,13 +134,16 @@ def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", cl
     pipelining), `clocks` (multi-rate, sec. 3.1; "halve" doubles the period every time the
     resolution halves; by default, `phases="align"`, each slow node fires when its inputs' new
     values reach it: fresher outputs, and the slow work spread over the ticks; `phases="zero"`
-    keeps every phase 0), `shift` (TSM, online or
-    offline). The contract is semantics.md.
+    keeps every phase 0), `shift` (TSM, online or offline). Added connections that start at zero
+    (sec. 3.2, §9): `skips` (a jump `j` or a list: temporal skips into every stage `s >= j` from
+    `j` stages below) and `temporal` (`k`, or `{pattern: k}`: convolutions become causal temporal
+    filters of length `k`). The contract is semantics.md.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile() takes an nn.Module, got {type(model).__name__}")
     _check_options(parallel, delays, clocks, max_period, shift, shift_fraction, shift_place, cuts)
     _choice("phases", phases, passes.PHASES)
+    _check_added(skips, temporal)
     example = _example(example_input)
     gm = _trace(model, leaf_modules, example)
     plan = Plan(graph=gm.graph, module=gm, example_shape=tuple(example.shape), example_dtype=example.dtype,
@@ -140,6 +151,8 @@ def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", cl
     plan = passes.insert_shifts(plan, shift, shift_fraction, shift_place)
     plan = passes.assign_clocks(plan, clocks, max_period)
     plan = passes.partition(plan, parallel, cuts)
+    plan = passes.add_temporal(plan, temporal)
+    plan = passes.add_skips(plan, skips)
     plan = passes.assign_delays(plan, delays)
     plan = passes.assign_phases(plan, phases)
     plan = passes.allocate_state(plan)

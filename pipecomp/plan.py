@@ -28,6 +28,13 @@ class Plan:
     phase_of: dict = field(default_factory=dict)
     phases: str = "zero"
     shift_nodes: tuple = ()
+    #: nodes of the added connections (semantics §9), in the order their passes made them;
+    #: each has ``node.meta["pipecomp"]["added"]``: "skip" or "temporal", and ``["clock"]``:
+    #: ``(u, lag)``, it ticks on `u`'s period `lag` ticks after `u` (so that it adds nothing to
+    #: when the image model's nodes fire, however phases are chosen)
+    added_nodes: tuple = ()
+    #: ticks the added connections put on an edge on top of the delay mode's own: (u, v) -> ticks
+    extra_delay: dict = field(default_factory=dict)
     #: register depth of every tensor node that has one: name -> D (registers name_d1..name_dD)
     registers: dict = field(default_factory=dict)
     #: per stage: FLOPs per frame without clocks; with clocks, as the tick functions execute
@@ -75,6 +82,18 @@ class Plan:
         mean = sum(costs) / len(costs) if costs else 0
         return max(costs) / mean if mean else 1.0
 
+    def added_costs(self) -> dict:
+        """Per kind of added connection ("skip", "temporal"): (nodes, parameters, FLOPs per frame)."""
+        costs = {}
+        for name in self.added_nodes:
+            n = self.node(name)
+            kind = n.meta["pipecomp"]["added"]
+            nodes, params, flops = costs.get(kind, (0, 0, 0.0))
+            if n.op == "call_module":
+                params += sum(p.numel() for p in self.module.get_submodule(n.target).parameters())
+            costs[kind] = (nodes + 1, params, flops + n.meta["pipecomp"]["flops"] / self.example_shape[0])
+        return costs
+
     @property
     def hyperperiod(self) -> int:
         return math.lcm(*self.period_of.values()) if self.period_of else 1
@@ -104,6 +123,9 @@ class Plan:
             + (", phases aligned)" if self.phases == "align" else ")"),
         ]
         out += [f"kept whole: {name}: {why}" for name, why in self.kept_whole.items()]
+        for kind, (nodes, params, flops) in self.added_costs().items():
+            out.append(f"added {kind} connections: {nodes} nodes, {_si(params)} params, {_si(flops)} FLOPs/frame "
+                       f"(counted in the table)")
         return "\n".join(out)
 
 

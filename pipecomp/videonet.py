@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import CompileError
 from .lower import lower_steps, run_clip, zero_state
 from .plan import Plan
 
@@ -14,7 +15,8 @@ class VideoNet(nn.Module):
     `step(frame)` runs one tick on a `[B, C, H, W]` frame with the state kept inside;
     `forward(clip)` runs a `[B, T, C, H, W]` clip from a fresh state without looping over
     ticks where nothing is recurrent. Parameters and buffers are the image model's own,
-    under the same qualified names.
+    under the same qualified names, and those of added connections under ``skips.*`` and
+    ``temporal.*``.
     """
 
     def __init__(self, model: nn.Module, plan: Plan):
@@ -30,6 +32,13 @@ class VideoNet(nn.Module):
         for n in plan.graph.nodes:
             if n.op == "get_attr" and "." not in n.target and not hasattr(self, n.target):
                 self.register_buffer(n.target, getattr(plan.module, n.target), persistent=False)
+        # The added connections' modules (semantics §9), under their own top-level names.
+        for name in dict.fromkeys(plan.node(n).target.split(".")[0] for n in plan.added_nodes
+                                  if plan.node(n).op == "call_module"):
+            if hasattr(model, name):
+                raise CompileError(f"{type(model).__name__} has an attribute '{name}', the name under which "
+                                   f"compile() registers the modules of added connections; rename it")
+            self.add_module(name, plan.module.get_submodule(name))
         self.plan = plan
         self.training = model.training
         # Generated code lives in a plain list so that nn.Module does not register the

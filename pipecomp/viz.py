@@ -3,7 +3,8 @@
 The graph picture draws the plan (semantics §2): one cluster per pipeline stage, crossing
 edges dashed and labelled with their delay, temporal skips of the diagonal mode
 (*Massively Parallel Video Networks*, fig. 1d) in red, clock periods (sec. 3.1) as badges
-and fill colour, TSM shift nodes (semantics §6) in their own shape. Big graphs are
+and fill colour, TSM shift nodes (semantics §6) in their own shape, and the added connections
+(semantics §9: temporal skips' adapters, temporal filters' taps) in green, nodes and edges. Big graphs are
 collapsed into module groups; a group never mixes stages, so boundaries and delays stay
 exact. The time-space picture is `pipecomp.timeline` drawn as fig. 1 draws it.
 """
@@ -37,6 +38,8 @@ FRAME_FILL = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462",
               "#b3de69", "#fccde5", "#bc80bd", "#ccebc5", "#ffed6f"]
 SHIFT_FILL, SHIFT_LINE = "#ecd9f7", "#7b3294"
 CONST_FILL = "#f2f2f2"
+ADDED_FILL, ADDED_LINE = "#dcf2dc", "#1b7837"
+ADDED_TEXT = {"skip": "added temporal skip (starts at zero)", "temporal": "added temporal filter (starts at zero)"}
 INSIDE, CROSSING, SKIP, VALUE = "#555555", "#1f6fb2", "#d62728", "#999999"
 
 
@@ -155,6 +158,14 @@ def _node_attrs(plan, root, node, color_by, top_flops):
         return dict(label=label, shape="cds", style="filled", fillcolor=SHIFT_FILL, color=SHIFT_LINE,
                     penwidth="1.6", tooltip=_shift_text(node), **{"class": "pc-shift"})
     constant = _is_constant(node)
+    added = info(node).get("added")
+    if added:
+        label = _rows((f"<B>{html.escape(name)}</B>", small), (html.escape(_op(root, node)), small),
+                      (f'<FONT POINT-SIZE="9">{ADDED_TEXT[added]}</FONT>', small),
+                      (f'<FONT POINT-SIZE="9">{_shape(node)}</FONT>', small), _badge([period]))
+        return dict(label=label, shape="box", style="rounded,filled", fillcolor=ADDED_FILL, color=ADDED_LINE,
+                    penwidth="1.6", tooltip=f"{name}: {ADDED_TEXT[added]}, {_si(flops)} FLOPs/frame, "
+                                            f"stage {plan.stage_of[name]}", **{"class": "pc-added"})
     if node.op in ("placeholder", "output"):
         fill, font = "#fff2cc", "black"
     elif constant:  # no clock and no frame: apart from the per-frame data (semantics §3)
@@ -230,9 +241,17 @@ def _edge(plan, u, v):
     if _is_constant(u):
         return "const", dict(style="dotted", color=VALUE)
     span = plan.stage_of[v.name] - plan.stage_of[u.name]
+    d = plan.delay_of[(u.name, v.name)]
+    if info(v).get("added") and info(u).get("kind") == "tensor":
+        # A skip's adapter reads across stages (dashed, as every crossing); a temporal filter's
+        # taps read older inputs inside one stage (bold: delayed, yet no stage crossed).
+        jump = plan.delays == "diagonal" and span > 1
+        label = f"d={d} skip" if jump else f"d={d}"
+        delayed = dict(style="dashed" if span else "bold", label=label, fontcolor=ADDED_LINE) if d else {}
+        cls = ("crossing skip added" if jump else "crossing added") if span else "added"
+        return cls, dict(color=ADDED_LINE, penwidth="2.2" if jump else "1.6", **delayed)
     if span == 0:
         return "inside", dict(color=VALUE if info(u).get("kind") == "value" else INSIDE)
-    d = plan.delay_of[(u.name, v.name)]
     if info(u).get("kind") != "tensor":
         return "crossing value", dict(style="dashed", color=VALUE, label=f"d={d}", fontcolor=VALUE)
     if plan.delays == "diagonal" and span > 1:
@@ -251,12 +270,15 @@ def _legend(plan, color_by, classes, grouped):
                     for p in sorted(set(plan.period_of.values()))]
     if plan.shift_nodes:
         swatches.append((SHIFT_FILL, "temporal shift (TSM) node"))
+    if plan.added_nodes:
+        swatches.append((ADDED_FILL, "added connection's node: starts at zero, learns"))
     rows += [f'<TR><TD BGCOLOR="{c}" WIDTH="24" BORDER="1"> </TD><TD ALIGN="LEFT">{t}</TD></TR>' for c, t in swatches]
     lines = [("inside", INSIDE, "───", "same stage, same tick"),
              ("crossing", CROSSING, "- - -", "d=n: crosses stages, reads the value of n ticks ago"),
              ("skip", SKIP, "- - -", "temporal skip: jumps stages at delay 1, fresher features"),
              ("value", VALUE, "- - -", "size value: no frame content, never delayed"),
-             ("const", VALUE, "·····", "constant (note shape): parameters only, recomputed by each reader")]
+             ("const", VALUE, "·····", "constant (note shape): parameters only, recomputed by each reader"),
+             ("added", ADDED_LINE, "━━━", "into an added node; d=n: reads the value of n ticks ago")]
     rows += [f'<TR><TD><FONT COLOR="{c}"><B>{s}</B></FONT></TD><TD ALIGN="LEFT">{t}</TD></TR>'
              for cls, c, s, t in lines if cls in classes]
     if grouped:
@@ -313,6 +335,8 @@ def to_dot(net, collapse=None, color_by=None, placement=None) -> "graphviz.Digra
         title += f", clock speed-up {plan.clock_speedup:.2f}x"
     if plan.shift:
         title += f", {len(plan.shift_nodes)} {plan.shift} shifts"
+    if plan.added_nodes:
+        title += f", {len(plan.added_nodes)} added nodes"
     dot = graphviz.Digraph(type(plan.module).__name__, graph_attr=dict(
         label=title, labelloc="t", fontsize="18", fontname="Helvetica", rankdir="TB", nodesep="0.25",
         ranksep="0.35", newrank="true"),

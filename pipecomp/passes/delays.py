@@ -9,7 +9,8 @@ MODES = ("diagonal", "aligned")
 
 def assign_delays(plan: Plan, mode: str) -> Plan:
     """`"diagonal"`: 1 on every crossing edge, so long edges are temporal skips;
-    `"aligned"`: the number of stages crossed, so every node sees a single frame."""
+    `"aligned"`: the number of stages crossed, so every node sees a single frame.
+    The added connections' `plan.extra_delay` (semantics §9) comes on top of either."""
     delay_of = {}
     for v in plan.graph.nodes:
         for u in v.all_input_nodes:
@@ -20,7 +21,7 @@ def assign_delays(plan: Plan, mode: str) -> Plan:
                 d = 0
             else:
                 d = 1 if mode == "diagonal" else span
-            delay_of[(u.name, v.name)] = d
+            delay_of[(u.name, v.name)] = d + plan.extra_delay.get((u.name, v.name), 0)
     # Latency: the smallest total delay on a path that carries the frame's content,
     # i.e. through tensors; shape values reach the output with no delay but no content.
     dist = {}

@@ -31,6 +31,10 @@ def assign_phases(plan: Plan, phases: str) -> Plan:
         if packed is not None:
             phase[v.name] = phase[packed.name]
             continue
+        if "clock" in info(v):  # an added connection's node (semantics §9): see Plan.added_nodes
+            u, lag = info(v)["clock"]
+            phase[v.name] = (phase[u] + lag) % period[v.name]
+            continue
         if period[v.name] == 1 or not inputs:
             continue
         arrivals = [(period[u.name], (phase[u.name] + plan.delay_of.get((u.name, v.name), 0)) % period[u.name])
