@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision first, pinned: on this machine pip takes them from local files.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,viz,tvm]'
+	$(PY) -m pip install -q -e '.[dev,viz,tvm,onnx]'
 	# Debian's programs: dot for pictures; an AArch64 cross compiler and qemu for Raspberry Pi builds.
 	command -v dot >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
 		(apt-get update -q && apt-get install -y -q graphviz g++-aarch64-linux-gnu qemu-user) || \
