@@ -31,6 +31,7 @@ from _results import machine, save, timed
 from pipecomp.backends import onnx as backend
 from pipecomp.backends.threaded import Runtime
 from pipecomp.lower import zero_state
+from pipecomp.ops import shift_online
 
 import onnxruntime  # noqa: E402  (after pipecomp: the backend's ImportError says what to install)
 
@@ -63,13 +64,17 @@ class HandTSM(nn.Module):
 
     def zeros(self, frame):
         """The buffers before the first frame."""
-        shapes, x = [], frame
+        return [torch.zeros(x.shape[0], x.shape[1] // 8, *x.shape[2:]) for x in self.shifted_inputs(frame)]
+
+    def shifted_inputs(self, frame):
+        """The inputs of the blocks that shift, for `frame`."""
+        inputs, x = [], frame
         with torch.no_grad():
             for block in self.features:
                 if isinstance(block, InvertedResidual) and block.use_res_connect:
-                    shapes.append((x.shape[0], x.shape[1] // 8, *x.shape[2:]))
+                    inputs.append(x)
                 x = block(x)
-        return [torch.zeros(s) for s in shapes]
+        return inputs
 
 
 def compiled(model, size, **options):
@@ -162,6 +167,19 @@ def against_hand(folder):
         for f in frames:
             _, state = tick(0, f, state)
 
+    shifted = [(x, torch.randn(x.shape[0], x.shape[1] // 8, *x.shape[2:]), x.shape[1] // 8)
+               for x in hand.shifted_inputs(frames[0])]
+
+    def shifts_pipecomp():  # the online shift op of pipecomp's tick functions: its new memory is a copy
+        for _ in frames:
+            for x, memory, fold in shifted:
+                shift_online(x, memory, fold)
+
+    def shifts_hand():
+        for _ in frames:
+            for x, memory, fold in shifted:
+                torch.cat((memory, x[:, fold:]), 1), x[:, :fold]
+
     rows = {}
     for threads in (1, 2):
         torch.set_num_threads(threads)
@@ -174,10 +192,11 @@ def against_hand(folder):
             def run_onnx():
                 for a in arrays:
                     program.step(a)
-            names = ["hand", "net_step", "runtime", "onnx", "tick_function", "hand_with_copied_buffers"]
+            names = ["hand", "net_step", "runtime", "onnx", "tick_function", "hand_with_copied_buffers",
+                     "shift_ops_pipecomp", "shift_ops_hand"]
             with torch.no_grad():
-                times = timed([run_hand(hand), run_step, run_runtime, run_onnx, run_tick, run_hand(hand_clone)],
-                              ROUNDS)
+                times = timed([run_hand(hand), run_step, run_runtime, run_onnx, run_tick, run_hand(hand_clone),
+                               shifts_pipecomp, shifts_hand], ROUNDS)
             rows[threads] = {n: t / TICKS for n, t in zip(names, times)}
             rows[threads]["runtime_preparation"] = runtime.preparation
     torch.set_num_threads(2)
@@ -229,7 +248,9 @@ def table(d):
     labels = {"hand": "hand-written module (the TSM demo's way)", "net_step": "pipecomp `net.step`",
               "runtime": "pipecomp threaded runtime, 1 worker (frozen)", "onnx": "pipecomp ONNX program (ONNX Runtime)",
               "tick_function": "`net.step`'s generated tick function alone",
-              "hand_with_copied_buffers": "hand-written, buffers copied as pipecomp's shift does"}
+              "hand_with_copied_buffers": "hand-written, buffers copied as pipecomp's shift does",
+              "shift_ops_pipecomp": "the shift ops alone: pipecomp's (`shift_online`, memory copied)",
+              "shift_ops_hand": "the shift ops alone: the hand module's (memory a view)"}
     one, two = tsm["per_frame_s"][1], tsm["per_frame_s"][2]
     for key, label in labels.items():
         cells = [f"{ms(r[key])} ({r[key] / r['hand']:.2f}×)" for r in (one, two)]

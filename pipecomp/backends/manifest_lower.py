@@ -132,7 +132,9 @@ def _split(gm: fx.GraphModule, frame, state):
             flat.erase_node(p)
     variant["inputs"] = inputs
     example = tuple(frame if name == "frame" else state[name] for name in inputs)
-    return fx.GraphModule(gm, flat, "TickTensors"), variant, example
+    tensors = fx.GraphModule(gm, flat, "TickTensors")
+    tensors.training = False  # a new module starts in training mode; lower() takes only nets in eval mode
+    return tensors, variant, example
 
 
 def _tree(a, value, ref):

@@ -33,8 +33,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 __all__ = ["export", "load", "Program"]
 
-#: Initializers smaller than this stay inside their model (shapes, scalars): not worth sharing.
-INLINE_BYTES = 1024
+# Initializers smaller than this stay inside their model (shapes, scalars): not worth sharing.
+_INLINE_BYTES = 1024
 _ALIGN = 64  # byte alignment of each tensor in a weights file, so that runners may map it as it is
 
 
@@ -90,7 +90,7 @@ def _externalize(model, path: Path, offsets: dict) -> list:
     with path.open("ab") as f:
         for tensor in model.graph.initializer:
             array = numpy_helper.to_array(tensor)
-            if array.nbytes < INLINE_BYTES:
+            if array.nbytes < _INLINE_BYTES:
                 continue
             data = array.tobytes()
             key = (array.dtype.str, array.shape, hashlib.sha256(data).digest())
