@@ -30,7 +30,7 @@ test: setup
 	PIPECOMP_AARCH64_PYTHON=$(AARCH64)/python3 $(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
-	for b in compiler phases runtime table2 tvm tvm_shift; do $(PY) benchmarks/bench_$$b.py || exit 1; done
+	for b in compiler phases runtime table2 tvm tvm_shift onnx; do $(PY) benchmarks/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .cache out
