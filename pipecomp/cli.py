@@ -6,6 +6,7 @@
     pipecomp demo --out out
     pipecomp pipeline torchvision:resnet18 --parallel 4 --procs 2 --check
     pipecomp build torchvision:mobilenet_v2 --target rpi4 --parallel 2 --clocks halve -o out/mnv2
+    pipecomp export torchvision:mobilenet_v2 --format onnx --parallel 2 --shift online -o out/mnv2-onnx
     torchrun --nproc-per-node 2 -m pipecomp pipeline torchvision:resnet18 --parallel 4
 
 MODEL is ``torchvision:NAME[,key=value...]`` (a classification or segmentation builder,
@@ -19,6 +20,7 @@ import argparse
 import ast
 import difflib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -276,7 +278,28 @@ def _parser() -> argparse.ArgumentParser:
                                                                    "its rpc_server registered with (needs --tune-key)")
     build.add_argument("--tune-key", metavar="KEY", help="the key the board's rpc_server registered under")
     build.add_argument("-o", "--output", required=True, metavar="FOLDER", help="where the program goes")
+    export = sub.add_parser("export", help="export MODEL's stage variants as ONNX models with a manifest")
+    _model_options(export)
+    export.add_argument("--format", choices=("onnx",), default="onnx", help="the model format (default onnx)")
+    export.add_argument("-o", "--output", required=True, metavar="FOLDER", help="where the program goes")
     return p
+
+
+def _export(args):
+    try:
+        from .backends import onnx as onnx_backend
+    except ImportError as e:
+        raise UsageError(str(e).splitlines()[0], status=1)
+    net = _compile(args).eval()
+    print(net.report())
+    _say(f"exporting to {args.format}")
+    try:
+        folder = onnx_backend.export(net, args.output)
+    except (ValueError, TypeError, OSError) as e:  # e.g. offline shift, an output that is not a tensor
+        raise UsageError(str(e).splitlines()[0], status=1)
+    modules = json.loads((folder / "manifest.json").read_text())["modules"]
+    print(f"wrote {folder}: {len(modules)} ONNX models\nrun it (onnxruntime and numpy): "
+          f"python3 {folder}/run.py {folder}")
 
 
 def _build(args):
@@ -535,6 +558,8 @@ def main(argv=None) -> int:
             _build(args)
         elif args.command == "run":
             _run(args)
+        elif args.command == "export":
+            _export(args)
         else:
             _demo(args)
     except UsageError as e:

@@ -1,7 +1,8 @@
 """Run a compiled video network with TVM: the half of the TVM backend that goes to the board.
 
 It imports only tvm and numpy, so that it runs where torch is not installed: `export`
-copies this file and `manifest.schema.json` next to the libraries, and on the board
+copies this file (as run.py), `manifest.py` and `manifest.schema.json` next to the libraries,
+and on the board
 
     python3 FOLDER/run.py FOLDER --frames clip.npy --out outputs.npy
 
@@ -28,14 +29,18 @@ from pathlib import Path
 import numpy as np
 
 try:
+    from ..manifest import copy_beside, leaves, resolve, validate, variant_of_tick
+except ImportError:  # run as FOLDER/run.py on a board: export put manifest.py beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from manifest import copy_beside, leaves, resolve, validate, variant_of_tick
+
+try:
     import tvm
     from tvm.runtime.vm import VirtualMachine
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError("the TVM backend needs Apache TVM 0.27: pip install 'pipecomp[tvm]' "
                       "(on a board without torch: pip install 'apache-tvm==0.27.*' numpy)") from e
 
-FORMAT = "pipecomp-tvm/1"
-SCHEMA = Path(__file__).with_name("manifest.schema.json")
 SHORT_DEVICES = ("cpu", "cuda", "opencl", "vulkan", "metal", "rocm")
 
 
@@ -61,7 +66,7 @@ class Program:
         self.workers = max(1, min(len(stages), cores) if workers is None else min(workers, len(stages)))
         if session is not None:
             self.workers = 1  # an RPC session carries one call at a time
-        self._of_tick = [_variant_of_tick(s) for s in stages]
+        self._of_tick = [variant_of_tick(s) for s in stages]
         self._vms = None
         self._pool = None
         self._lock = threading.Lock()
@@ -139,7 +144,7 @@ class Program:
                 return outputs[r["output"]]
             return state[r["state"]] if "state" in r else frame
         written = {name: ref(r) for name, r in variant["writes"].items()}
-        return written, _tree(variant["output"], ref)
+        return written, resolve(variant["output"], ref)
 
     def _zeros(self):
         return {b["name"]: tvm.runtime.tensor(np.zeros(b["shape"], b["dtype"]), self.device)
@@ -163,7 +168,7 @@ class Program:
     # -- export -------------------------------------------------------------------------
     def export(self, folder) -> Path:
         """Write the program to `folder`: one shared library per module, `manifest.json`, its
-        schema and this runner; `load(folder)` or `python3 folder/run.py folder` runs it."""
+        schema and reader, and this runner; `load(folder)` or `python3 folder/run.py folder` runs it."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         fcompile = _linker(self.manifest)
@@ -175,9 +180,7 @@ class Program:
             else:
                 lib.export_library(str(path), fcompile=fcompile)
         (folder / "manifest.json").write_text(json.dumps(self.manifest, indent=1) + "\n")
-        for f in (SCHEMA, Path(__file__)):
-            if f.resolve() != (folder / f.name).resolve():
-                shutil.copyfile(f, folder / f.name)
+        copy_beside(folder, __file__)
         return folder
 
 
@@ -189,7 +192,7 @@ def load(folder, device="cpu", *, session=None, workers=None) -> Program:
     """
     folder = Path(folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    validate(manifest, folder)
+    validate(manifest, folder, "tvm")
     if manifest["target"].get("kind") == "cuda" and session is None:
         _cuda_compiler()
     libraries, files = {}, {}
@@ -216,134 +219,6 @@ def _cuda_compiler():
                            f"or set CUDA_PATH)") from e
 
 
-# -- manifest -----------------------------------------------------------------------------
-def validate(manifest: dict, folder=None) -> None:
-    """Raise ValueError naming the first thing wrong with `manifest` (and the files in `folder`).
-
-    Checks the JSON schema (`manifest.schema.json`, with a small validator so that only the
-    standard library is needed) and what a schema cannot say: every stage's ticks cover its
-    hyperperiod once, every wire names a known buffer, module output or the frame.
-    """
-    schema = json.loads(SCHEMA.read_text())
-    _check(manifest, schema, schema, "manifest")
-    if manifest["format"] != FORMAT:
-        raise ValueError(f"manifest format {manifest['format']!r}; this runner reads {FORMAT!r}")
-    buffers = {b["name"] for b in manifest["state"]}
-    modules = manifest["modules"]
-    for s, stage in enumerate(manifest["stages"]):
-        ticks = sorted(t for v in stage["variants"] for t in v["ticks"])
-        if ticks != list(range(stage["hyperperiod"])):
-            raise ValueError(f"stage {s}: the ticks of its variants are {ticks}, expected each of "
-                             f"0..{stage['hyperperiod'] - 1} once")
-        for i, v in enumerate(stage["variants"]):
-            where = f"stage {s} variant {i}"
-            n_out = 0
-            if v["module"] is not None:
-                if v["module"] not in modules:
-                    raise ValueError(f"{where}: module {v['module']!r} is not in 'modules'")
-                n_out = len(modules[v["module"]]["outputs"])
-                names = [a["name"] for a in modules[v["module"]]["inputs"]]
-                if names != v["inputs"]:
-                    raise ValueError(f"{where}: inputs {v['inputs']} differ from its module's {names}")
-            for name in v["inputs"]:
-                if name != "frame" and name not in buffers:
-                    raise ValueError(f"{where}: input {name!r} is neither 'frame' nor a state buffer")
-            refs = list(v["writes"].items()) + [("output", r) for r in _refs(v["output"])]
-            for name, r in refs:
-                if name != "output" and name not in buffers:
-                    raise ValueError(f"{where}: writes {name!r}, which is not a state buffer")
-                if "output" in r and r["output"] >= n_out:
-                    raise ValueError(f"{where}: {name} reads module output {r['output']}, it has {n_out}")
-                if "state" in r and r["state"] not in buffers:
-                    raise ValueError(f"{where}: {name} reads unknown state buffer {r['state']!r}")
-        written = {name for v in stage["variants"] for name in v["writes"]}
-        mine = {b["name"] for b in manifest["state"] if b["stage"] == s}
-        if any(set(v["writes"]) != mine for v in stage["variants"]):
-            raise ValueError(f"stage {s}: every variant must write exactly the buffers of the stage, "
-                             f"{sorted(mine)}; they write {sorted(written)}")
-    if folder is not None:
-        for name, module in modules.items():
-            if not (Path(folder) / module["file"]).is_file():
-                raise ValueError(f"module {name}: file {module['file']} is missing from {folder}")
-
-
-def _check(x, schema, root, where):
-    if "$ref" in schema:
-        schema = root["$defs"][schema["$ref"].rsplit("/", 1)[-1]]
-    if "oneOf" in schema:
-        ok = []
-        for option in schema["oneOf"]:
-            try:
-                _check(x, option, root, where)
-                ok.append(option)
-            except ValueError:
-                pass
-        if len(ok) != 1:
-            raise ValueError(f"{where}: {json.dumps(x)[:80]} matches {len(ok)} of the allowed forms, not one")
-        return
-    kinds = schema.get("type")
-    if kinds is not None:
-        kinds = [kinds] if isinstance(kinds, str) else kinds
-        if not any(_is(x, k) for k in kinds):
-            raise ValueError(f"{where}: expected {' or '.join(kinds)}, got {json.dumps(x)[:80]}")
-    if "enum" in schema and x not in schema["enum"]:
-        raise ValueError(f"{where}: {x!r} is not one of {schema['enum']}")
-    if "minimum" in schema and _is(x, "number") and x < schema["minimum"]:
-        raise ValueError(f"{where}: {x} is below {schema['minimum']}")
-    if isinstance(x, dict):
-        for key in schema.get("required", ()):
-            if key not in x:
-                raise ValueError(f"{where}: missing {key!r}")
-        props, extra = schema.get("properties", {}), schema.get("additionalProperties", True)
-        for key, value in x.items():
-            if key in props:
-                _check(value, props[key], root, f"{where}.{key}")
-            elif extra is False:
-                raise ValueError(f"{where}: unexpected key {key!r}")
-            elif isinstance(extra, dict):
-                _check(value, extra, root, f"{where}.{key}")
-    if isinstance(x, list):
-        if len(x) < schema.get("minItems", 0):
-            raise ValueError(f"{where}: needs at least {schema['minItems']} items")
-        if "items" in schema:
-            for i, item in enumerate(x):
-                _check(item, schema["items"], root, f"{where}[{i}]")
-
-
-def _is(x, kind):
-    if kind == "integer":
-        return isinstance(x, int) and not isinstance(x, bool)
-    if kind == "number":
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
-    return isinstance(x, {"object": dict, "array": list, "string": str, "boolean": bool,
-                          "null": type(None)}[kind])
-
-
-def _refs(tree):
-    """The wires in an output tree."""
-    if tree is None or "value" in tree:
-        return []
-    if "tensor" in tree:
-        return [tree["tensor"]]
-    items = tree.get("tuple") or tree.get("list") or [v for _, v in tree.get("dict", [])]
-    return [r for t in items for r in _refs(t)]
-
-
-def _tree(tree, ref):
-    """The output structure of a manifest tree, its tensor leaves resolved by `ref`."""
-    if tree is None:
-        return None
-    if "tensor" in tree:
-        return ref(tree["tensor"])
-    if "value" in tree:
-        return tree["value"]
-    if "tuple" in tree:
-        return tuple(_tree(t, ref) for t in tree["tuple"])
-    if "list" in tree:
-        return [_tree(t, ref) for t in tree["list"]]
-    return {k: _tree(t, ref) for k, t in tree["dict"]}
-
-
 def _numpy(x):
     if isinstance(x, tuple):
         return tuple(_numpy(v) for v in x)
@@ -352,14 +227,6 @@ def _numpy(x):
     if isinstance(x, dict):
         return {k: _numpy(v) for k, v in x.items()}
     return x.numpy() if hasattr(x, "numpy") else x
-
-
-def _variant_of_tick(stage):
-    of = [0] * stage["hyperperiod"]
-    for i, v in enumerate(stage["variants"]):
-        for t in v["ticks"]:
-            of[t] = i
-    return of
 
 
 def _device(device, session):
@@ -427,21 +294,13 @@ def main(argv=None):
             start = time.perf_counter()
             out = program.step(frame)
             times.append(time.perf_counter() - start)
-            for i, leaf in enumerate(_leaves(out)):
+            for i, leaf in enumerate(leaves(out)):
                 outputs[f"{t}_{i}"] = leaf
     if args.out:
         np.savez(args.out, **outputs)
     ms = 1000 * np.array(times)
     print(f"{len(frames)} ticks on {platform.machine()}, {program.workers} stage threads: "
           f"median {np.median(ms):.2f} ms/tick, first {ms[0]:.2f} ms", file=sys.stderr)
-
-
-def _leaves(x):
-    if isinstance(x, (tuple, list)):
-        return [leaf for v in x for leaf in _leaves(v)]
-    if isinstance(x, dict):
-        return [leaf for v in x.values() for leaf in _leaves(v)]
-    return [x] if isinstance(x, np.ndarray) else []
 
 
 if __name__ == "__main__":
