@@ -138,6 +138,17 @@ class _Rank:
         return output if r == 0 else None
 
 
+def _groups(net, groups):
+    """Every rank's stage group: as given, or by default `pipecomp.schedule(net, world_size)` on FLOPs."""
+    world = dist.get_world_size()
+    if groups is None:
+        groups = _placement(net, world, None).groups
+    if len(groups) != world:
+        raise ValueError(f"{len(groups)} stage groups for {world} processes; the network has "
+                         f"{net.plan.parallel} stages, so use at most that many processes")
+    return groups
+
+
 def _placement(net, nprocs, devices):
     from ..schedule import schedule
     return schedule(net, devices if devices is not None else nprocs)
@@ -152,12 +163,7 @@ def stream(net, frames=None, *, ticks: int | None = None, batch: int | None = No
     `pipecomp.schedule(net, world_size)` on FLOPs, which is the same on every rank.
     """
     net._check_streamable()
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if groups is None:
-        groups = _placement(net, world, None).groups
-    if len(groups) != world:
-        raise ValueError(f"{len(groups)} stage groups for {world} processes; the network has "
-                         f"{net.plan.parallel} stages, so use at most that many processes")
+    rank, groups = dist.get_rank(), _groups(net, groups)
     frames = list(frames) if rank == 0 else [None] * ticks
     batch = frames[0].shape[0] if rank == 0 else batch or net.plan.example_shape[0]
     net.to(device).eval()
@@ -180,12 +186,7 @@ def train(net, episodes, loss_fn, optimizer, *, prediction_latency: int = 0, gro
     """
     from .. import train as training
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if groups is None:
-        groups = _placement(net, world, None).groups
-    if len(groups) != world:
-        raise ValueError(f"{len(groups)} stage groups for {world} processes; the network has "
-                         f"{net.plan.parallel} stages, so use at most that many processes")
+    rank, groups = dist.get_rank(), _groups(net, groups)
     wiring = Wiring(net, groups)
     trainer = training._Sideways(net, stages=groups[rank])
     owners = {}
@@ -238,7 +239,7 @@ def train(net, episodes, loss_fn, optimizer, *, prediction_latency: int = 0, gro
         opt.zero_grad()
         training.episode(trainer, clip, targets, loss_fn, W, prediction_latency, losses, exchange)
         opt.step()
-        dist.broadcast(losses, src=world - 1)
+        dist.broadcast(losses, src=len(groups) - 1)
         all_losses.append(losses)
     ids = {id(t) for s in groups[rank] for gm in net._stages[s].variants
            for t in (*gm.parameters(), *gm.buffers())}
