@@ -24,9 +24,9 @@ Three sections, each written into results/train.json (and the README's table thr
    The peak memory of each row's episode above its baseline is recorded too (summed over the
    processes of a multi-process row).
 3. convergence: the motion task of train_task.py (32 px, T = 8, 4 directions), Simple-CNN and a
-   small ResNet compiled with `parallel=4, shift="online"` (the temporal shift is what lets a
-   network see motion: without it each stage sees one frame), trained for the same number of
-   clips with BPTT and Sideways, `delays="aligned"` (Sideways) and `"diagonal"` (Skip-Sideways),
+   small ResNet compiled with 4 stages and `shift="online", shift_fraction=1/4` (the temporal
+   shift is what lets these networks see motion: without it each node sees one frame), trained
+   on the same clips (new ones every epoch) with BPTT and Sideways, `delays="aligned"` (Sideways) and `"diagonal"` (Skip-Sideways),
    several seeds, held-out accuracy; optionally at temporal strides 1, 2, 4. The small ResNet is
    cut so that its first block's identity connection spans two stages and the two delay modes
    differ; Simple-CNN has no connection that spans a stage, so its diagonal
@@ -122,6 +122,14 @@ def status(key: str) -> float:
     raise RuntimeError(f"/proc/self/status has no {key}: this benchmark needs Linux")
 
 
+def status_meminfo(key):
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) // 1024
+    raise RuntimeError(f"/proc/meminfo has no {key}: this benchmark needs Linux")
+
+
 def reset_peak():
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident size
@@ -193,14 +201,6 @@ def memory(quick):
         per_frame = (bp[hi] - bp[lo]) / (hi - lo) * (large[1] / size) ** 2
         data["bptt_large_extrapolated_mib"] = bp[lo] * (large[1] / size) ** 2 + per_frame * (large[0] - lo)
     return data
-
-
-def status_meminfo(key):
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) // 1024
-    raise RuntimeError(f"/proc/meminfo has no {key}: this benchmark needs Linux")
 
 
 # Speed.
@@ -367,10 +367,11 @@ def speed(quick, frames, rounds):
                "bptt_2_threads": with_threads(2, fresh(lambda: bptt(net, clip, targets))),
                "bptt_model_parallel_2_workers": fresh(lambda: mp_bptt(clip, targets))}
         if train is not None:
-            side = lambda workers: (lambda: train.backward(net, clip, targets, loss_fn, rule="sideways", workers=workers))
-            fns.update({"sideways_1_thread": with_threads(1, fresh(side(None))),
-                        "sideways_2_threads": with_threads(2, fresh(side(None))),
-                        "sideways_2_workers": fresh(side(2))})
+            def sideways(workers):
+                return fresh(lambda: train.backward(net, clip, targets, loss_fn, rule="sideways", workers=workers))
+            fns.update({"sideways_1_thread": with_threads(1, sideways(None)),
+                        "sideways_2_threads": with_threads(2, sideways(None)),
+                        "sideways_2_workers": sideways(2)})
         seconds = dict(zip(fns, timed(list(fns.values()), rounds)))
         rows = {k: {"seconds": s, "fps": batch * frames / s, "peak_mib": peak_above(fns[k])} for k, s in seconds.items()}
         mp_bptt.close()
@@ -387,7 +388,7 @@ def speed(quick, frames, rounds):
 
 # Convergence.
 
-CONVERGENCE = {"size": 32, "frames": 8, "directions": 4, "train_clips": 512, "held_out_clips": 256,
+CONVERGENCE = {"size": 32, "frames": 8, "directions": 4, "clips_per_epoch": 512, "held_out_clips": 256,
                "epochs": 8, "batch": 8, "lr": 1e-3, "parallel": 4, "shift_fraction": 1 / 4}
 # The small ResNet's stage starts (fx node names): stage 1 is the first block's second
 # convolution alone, so that the block's identity connection spans two stage boundaries: delay 2
@@ -412,13 +413,15 @@ def accuracy(net, x, y, batch=64):
     return (logits.argmax(1) == y).float().mean().item()
 
 
-def fit(rule, net, data, cfg, seed):
-    (x, y), (hx, hy) = data
+def fit(rule, net, epochs, held_out, cfg, seed):
+    """Adam over `epochs` (each a list of (clips, labels), new clips every epoch: with a fixed set
+    the small ResNet learned the training clips by heart before it learned motion), the clips of
+    an epoch in an order drawn from `seed`; held-out accuracy after every epoch."""
     opt = torch.optim.Adam(net.parameters(), cfg["lr"])
     order = torch.Generator().manual_seed(seed)
     curve, losses, start = [], [], time.perf_counter()
     net.train()
-    for _ in range(cfg["epochs"]):
+    for x, y in epochs:
         perm = torch.randperm(len(x), generator=order)
         epoch_losses = []
         for i in range(0, len(x) - cfg["batch"] + 1, cfg["batch"]):
@@ -428,7 +431,7 @@ def fit(rule, net, data, cfg, seed):
             opt.step()
             epoch_losses.append(per_tick.nanmean().item())
         losses.append(statistics.fmean(epoch_losses))
-        curve.append(accuracy(net, hx, hy))
+        curve.append(accuracy(net, *held_out))
     return {"held_out_accuracy": curve[-1], "accuracy_by_epoch": curve, "train_loss_by_epoch": losses,
             "seconds": time.perf_counter() - start}
 
@@ -439,13 +442,15 @@ ROWS = (("bptt", "aligned"), ("sideways", "aligned"), ("bptt", "diagonal"), ("si
 def convergence(quick, seeds, strides, models):
     cfg = dict(CONVERGENCE)
     if quick:
-        cfg.update(train_clips=16, held_out_clips=8, epochs=1, batch=4)
+        cfg.update(clips_per_epoch=16, held_out_clips=8, epochs=1, batch=4)
     data = {"config": cfg, "load_before": load(), "rows": []}
     train = trainer()
+    task = dict(frames=cfg["frames"], size=cfg["size"], directions=cfg["directions"])
     for stride in strides:
-        split = {s: train_task.clips(cfg[f"{k}_clips"], split=s, frames=cfg["frames"], size=cfg["size"],
-                                     directions=cfg["directions"], stride=stride, seed=i)
-                 for i, (s, k) in enumerate((("train", "train"), ("held-out", "held_out")))}
+        # the same clips for every row: epoch e's from seed 1 + e, the held-out ones from seed 0
+        epochs = [train_task.clips(cfg["clips_per_epoch"], stride=stride, seed=1 + e, **task)
+                  for e in range(cfg["epochs"])]
+        held_out = train_task.clips(cfg["held_out_clips"], split="held-out", stride=stride, seed=0, **task)
         for model_name in models:
             same = (video_net(model_name, "aligned", cfg, 0).plan.delay_of
                     == video_net(model_name, "diagonal", cfg, 0).plan.delay_of)
@@ -457,8 +462,7 @@ def convergence(quick, seeds, strides, models):
                     data["rows"].append(dict(row, note=MISSING))
                     continue
                 for seed in seeds:
-                    result = fit(rule, video_net(model_name, delays, cfg, seed), (split["train"], split["held-out"]),
-                                 cfg, seed)
+                    result = fit(rule, video_net(model_name, delays, cfg, seed), epochs, held_out, cfg, seed)
                     data["rows"].append(dict(row, seed=seed, **result))
                     print({k: v for k, v in data["rows"][-1].items() if not k.endswith("epoch")}, flush=True)
     data["load_after"] = load()
@@ -516,7 +520,7 @@ def speed_table(s):
 def convergence_table(c):
     cfg = c["config"]
     lines = [f"| motion task ({cfg['size']} px, T = {cfg['frames']}, {cfg['directions']} directions, "
-             f"{cfg['epochs']} epochs of {cfg['train_clips']} clips) | stride | held-out accuracy per seed | mean |",
+             f"{cfg['epochs']} epochs of {cfg['clips_per_epoch']} new clips) | stride | held-out accuracy per seed | mean |",
              "|---|---|---|---|"]
     groups = {}
     for r in c["rows"]:
@@ -561,15 +565,15 @@ def main(argv=None):
         return
     sections = args.section or ["memory", "speed", "convergence"]
     path = (args.out or pathlib.Path(tempfile.mkdtemp())) / "train.json" if args.quick else RESULTS / "train.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data["machine"] = machine()
+    new = {"machine": machine()}
     if "memory" in sections:
-        data["memory"] = memory(args.quick)
+        new["memory"] = memory(args.quick)
     if "speed" in sections:
-        data["speed"] = speed(args.quick, 4 if args.quick else args.frames, 1 if args.quick else args.rounds)
+        new["speed"] = speed(args.quick, 4 if args.quick else args.frames, 1 if args.quick else args.rounds)
     if "convergence" in sections:
-        data["convergence"] = convergence(args.quick, range(1 if args.quick else args.seeds),
-                                          args.strides, args.models)
+        new["convergence"] = convergence(args.quick, range(1 if args.quick else args.seeds), args.strides, args.models)
+    # read only now: a section run at the same time in another process keeps its results
+    data = {**(json.loads(path.read_text()) if path.exists() else {}), **new}
     if args.quick:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data, indent=2) + "\n")
