@@ -3,9 +3,13 @@
 Every analysis writes into one dict per node, `node.meta["pipecomp"]`, with keys:
 
 - ``kind``: ``"tensor"`` (the node's value is a tensor), ``"tuple"`` (a structure holding
-  tensors) or ``"value"`` (no tensor: sizes, ints; semantics §3 never delays these);
+  tensors), ``"value"`` (no tensor: sizes, ints) or ``"constant"`` (tensors computed only
+  from parameters, buffers and values, with no frame content); semantics §3 never delays
+  values and constants;
 - ``shape``, ``dtype``, ``batch_dim``: of a tensor value at the example's batch size;
-  ``batch_dim`` is the axis that scales with the batch (None if none does);
+  ``batch_dim`` is the one axis whose size is the batch (None if no axis is exactly the
+  batch, e.g. Swin's windows ``[B·nW, N, C]``); a tuple's is 0 when every tensor in it
+  has the batch first;
 - ``bytes``: size of a tensor value at the example's batch size;
 - ``flops``: FLOPs of one call at the example's batch size (`torch.utils.flop_counter`);
 - ``module``: qualified name of the innermost module the node belongs to ('' for the root).
@@ -49,24 +53,54 @@ class _Annotate(ShapeProp):
             meta.update(kind="tensor", shape=tuple(result.shape), dtype=result.dtype,
                         bytes=result.numel() * result.element_size())
         elif any(isinstance(leaf, torch.Tensor) for leaf in tree_leaves(result)):
-            meta["kind"] = "tuple"
+            meta.update(kind="tuple", leaf_shapes=[tuple(t.shape) for t in tree_leaves(result)
+                                                   if isinstance(t, torch.Tensor)])
         else:
             meta["kind"] = "value"
         return result
 
 
+def _batch_dim(before, after, batch):
+    """The axis that is the batch: of size `batch` before and `batch + 1` after, the only one
+    that changed (an axis of `k·batch` frames' worth of rows does not count)."""
+    moved = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+    if len(before) != len(after) or len(moved) != 1 or (before[moved[0]], after[moved[0]]) != (batch, batch + 1):
+        return None
+    return moved[0]
+
+
 class _BatchShapes(fx.Interpreter):
-    """Runs the graph at another batch size to see which axis is the batch.
+    """Runs the graph at one more frame per batch to see which axis is the batch.
 
     Real tensors, not fake ones: leaf modules may hold data-dependent code."""
+
+    def __init__(self, gm, batch):
+        super().__init__(gm)
+        self.batch = batch
 
     def run_node(self, n):
         result = super().run_node(n)
         meta = info(n)
         if meta.get("kind") == "tensor" and isinstance(result, torch.Tensor):
-            moved = [i for i, (a, b) in enumerate(zip(meta["shape"], result.shape)) if a != b]
-            meta["batch_dim"] = moved[0] if len(moved) == 1 else None
+            meta["batch_dim"] = _batch_dim(meta["shape"], tuple(result.shape), self.batch)
+        elif meta.get("kind") == "tuple":
+            leaves = [t for t in tree_leaves(result) if isinstance(t, torch.Tensor)]
+            meta["batch_dim"] = 0 if all(d == 0 for d in (
+                _batch_dim(s, tuple(t.shape), self.batch) for s, t in zip(meta["leaf_shapes"], leaves))) else None
         return result
+
+
+def _mark_constants(graph: fx.Graph) -> None:
+    """Tensors with no frame content become kind ``"constant"`` (semantics §3): they read only
+    parameters, buffers, values (sizes) and other constants, never a tensor of the frame."""
+    framed = set()
+    for n in graph.nodes:
+        kind = info(n).get("kind")
+        if n.op == "placeholder" or any(u in framed and info(u).get("kind") in ("tensor", "tuple")
+                                        for u in n.all_input_nodes):
+            framed.add(n)
+        elif n.op in COMPUTE_OPS and kind in ("tensor", "tuple"):
+            info(n)["kind"] = "constant"
 
 
 def module_path(node: fx.Node) -> str:
@@ -87,11 +121,13 @@ def annotate(gm: fx.GraphModule, example: torch.Tensor) -> None:
     try:
         with torch.no_grad():
             _Annotate(gm).propagate(example)
-            _BatchShapes(gm).run(torch.cat([example, example[:1]]))
+            _BatchShapes(gm, example.shape[0]).run(torch.cat([example, example[:1]]))
     finally:
         for m, training in modes.items():
             m.training = training
+    _mark_constants(gm.graph)
     for n in gm.graph.nodes:
+        n.meta.pop("tensor_meta", None)  # ShapeProp's; torch.save cannot pickle it, and ours has the same
         meta = info(n)
         meta["module"] = module_path(n)
         meta.setdefault("flops", 0)

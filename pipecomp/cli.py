@@ -10,6 +10,7 @@
 MODEL is ``torchvision:NAME[,key=value...]`` (a classification or segmentation builder,
 always with weights=None) or ``path/to/file.py:FACTORY`` (a function returning an
 nn.Module). Bad input is one line on stderr and exit status 2.
+``pipecomp:efficientnet_lite0`` is EfficientNet-Lite0 with its ImageNet weights (pipecomp.models).
 """
 from __future__ import annotations
 
@@ -75,6 +76,17 @@ def _torchvision(spec: str):
         raise UsageError(f"torchvision builder {name}({spec[len(name) + 1:]}) failed: {type(e).__name__}: {e}")
 
 
+def _pipecomp(name: str):
+    from . import models
+
+    if name != "efficientnet_lite0":
+        raise UsageError(f"unknown pipecomp model '{name}'; the one there is: pipecomp:efficientnet_lite0")
+    try:
+        return models.efficientnet_lite0()
+    except FileNotFoundError as e:
+        raise UsageError(str(e))
+
+
 def _from_file(path: str, factory: str):
     from torch import nn
 
@@ -109,6 +121,8 @@ def load_model(spec: str):
     """The nn.Module named by MODEL: ``torchvision:NAME[,k=v...]`` or ``path/to/file.py:FACTORY``."""
     if spec.startswith("torchvision:"):
         return _torchvision(spec[len("torchvision:"):])
+    if spec.startswith("pipecomp:"):
+        return _pipecomp(spec[len("pipecomp:"):])
     path, sep, factory = spec.rpartition(":")
     if sep and path.endswith(".py") and factory:
         return _from_file(path, factory)

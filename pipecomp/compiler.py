@@ -13,7 +13,7 @@ from .errors import CompileError
 from .lower import tick_flops
 from .passes.delays import MODES
 from .plan import Plan
-from .trace import trace
+from .trace import KEPT, key_name, leaf_key, trace
 from .videonet import VideoNet
 
 
@@ -77,14 +77,42 @@ def _costs(plan: Plan, stages) -> Plan:
     return plan.replace(stage_flops=tuple(flops), stage_flops_clocked=tuple(clocked), stage_params=tuple(params))
 
 
-def _check_batch_axes(plan: Plan):
-    for n in plan.graph.nodes:
+def _without_batch_first(gm):
+    """The first per-frame tensor (or tuple) whose first axis is not the batch, or None."""
+    return next((n for n in gm.graph.nodes if n.op in COMPUTE_OPS and info(n).get("kind") in ("tensor", "tuple")
+                 and info(n).get("batch_dim") != 0), None)
+
+
+def _enclosing(model, node):
+    """(qualified name, module) of the innermost module that holds `node` (not the one it calls)."""
+    stack = [q for q, _ in (node.meta.get("nn_module_stack") or {}).values()
+             if not (node.op == "call_module" and q == node.target)]
+    return (stack[-1], model.get_submodule(stack[-1])) if stack else None
+
+
+def _trace(model, leaf_modules, example):
+    """Trace and annotate. Per-frame tensors need the batch first (semantics §3's registers,
+    zero state and clips are per frame): the smallest module that holds one that does not is
+    kept whole (its own input and output have the batch first), and the trace is retried."""
+    kept = {}
+    while True:
+        gm = trace(model, leaf_modules, kept)
+        annotate(gm, example)
+        kept = gm.meta[KEPT]
+        n = _without_batch_first(gm)
+        if n is None:
+            return gm
         meta = info(n)
-        if meta.get("kind") == "tensor" and n.op in COMPUTE_OPS and meta.get("batch_dim") != 0:
+        shape = list(meta["shape"]) if "shape" in meta else "a tuple"
+        where = _enclosing(model, n)
+        key = leaf_key(*where) if where else None
+        if key is None or key in kept or key in leaf_modules:
             raise CompileError(
-                f"node '{n.name}' ({meta.get('module') or n.target}) makes a tensor whose first axis is not "
-                f"the batch (shape {list(meta['shape'])}); pipecomp keeps one value per frame and needs the "
-                f"batch first; pass its module in leaf_modules so it stays inside one node")
+                f"node '{n.name}' ({meta.get('module') or type(model).__name__}) makes a tensor whose first axis "
+                f"is not the batch (shape {shape} at batch {example.shape[0]}) in the model's own forward; pipecomp "
+                f"keeps one value per frame with the batch first: move that code into a submodule, which pipecomp "
+                f"then keeps whole")
+        kept = {**kept, key: f"its node '{n.name}' makes a tensor whose first axis is not the batch ({shape})"}
 
 
 def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", clocks=None,
@@ -105,10 +133,9 @@ def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", cl
     _check_options(parallel, delays, clocks, max_period, shift, shift_fraction, shift_place, cuts)
     _choice("phases", phases, passes.PHASES)
     example = _example(example_input)
-    gm = trace(model, leaf_modules)
-    annotate(gm, example)
-    plan = Plan(graph=gm.graph, module=gm, example_shape=tuple(example.shape), example_dtype=example.dtype)
-    _check_batch_axes(plan)
+    gm = _trace(model, leaf_modules, example)
+    plan = Plan(graph=gm.graph, module=gm, example_shape=tuple(example.shape), example_dtype=example.dtype,
+                kept_whole={key_name(k): why for k, why in gm.meta[KEPT].items()})
     plan = passes.insert_shifts(plan, shift, shift_fraction, shift_place)
     plan = passes.assign_clocks(plan, clocks, max_period)
     plan = passes.partition(plan, parallel, cuts)

@@ -23,6 +23,9 @@ from .ops import shift_online
 from .passes.shift import is_shift
 from .plan import Plan
 
+# Kinds of values that carry no frame content: never state, recomputed by each reader (semantics §3).
+_RECOMPUTED = ("value", "constant")
+
 
 def _is_inplace(root, v: fx.Node) -> bool:
     if v.op == "call_module":
@@ -37,16 +40,23 @@ def _is_inplace(root, v: fx.Node) -> bool:
 
 
 def firing(plan: Plan, nodes, tick: int) -> frozenset:
-    """The nodes among `nodes` that fire at `tick`. Shape values are left out: a tick function
-    recomputes them where they are needed, so their clocks do not make it a different one."""
-    return frozenset(n.name for n in nodes if info(n).get("kind") != "value"
+    """The nodes among `nodes` that fire at `tick`. Shape values and constants are left out: a
+    tick function recomputes them where they are needed, so their clocks do not make it a
+    different one."""
+    return frozenset(n.name for n in nodes if info(n).get("kind") not in _RECOMPUTED
                      and tick % plan.period_of[n.name] == plan.phase_of[n.name])
 
 
-def stage_graph(plan: Plan, root, stage: int, fires: frozenset) -> fx.Graph:
-    """The tick function of `stage` when exactly the nodes in `fires` fire."""
+def stage_graph(plan: Plan, root, stage: int, fires: frozenset, taps: bool = False) -> fx.Graph:
+    """The tick function of `stage` when exactly the nodes in `fires` fire.
+
+    With `taps`, it also returns, per online shift memory of the stage, the memory's channels
+    of the value the shift node reads at this tick, fired or not: where training seeds the
+    gradient of the memory (semantics §8 rule 2), as a third result `(output, new_state, taps)`.
+    """
     g = fx.Graph()
     frame, state = g.placeholder("frame"), g.placeholder("state")
+    tapped = {}
     local, reads, attrs, shapes = {}, {}, {}, {}
     out_node = next(n for n in plan.graph.nodes if n.op == "output")
 
@@ -65,12 +75,13 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset) -> fx.Graph:
         return attrs[u]
 
     def shape_value(u):
-        # Shape values are recomputed where needed from any tensor of the right shape.
+        # Shape values are recomputed where needed from any tensor of the right shape,
+        # constants from parameters and buffers (semantics §3: neither is ever state).
         if u not in shapes:
             def src(w):
                 if w.op == "get_attr":
                     return attr(w)
-                if info(w).get("kind") == "value" and w.op in COMPUTE_OPS:
+                if info(w).get("kind") in _RECOMPUTED and w.op in COMPUTE_OPS:
                     return shape_value(w)
                 if w.op == "placeholder" or plan.stage_of[w.name] == stage:
                     return current(w)
@@ -81,7 +92,7 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset) -> fx.Graph:
     def arg(u, v):
         if u.op == "get_attr":
             return attr(u)
-        if info(u).get("kind") == "value" and u.op in COMPUTE_OPS:
+        if info(u).get("kind") in _RECOMPUTED and u.op in COMPUTE_OPS:
             return shape_value(u)
         d = plan.delay_of[(u.name, v.name)]
         return current(u) if d == 0 else read(f"{u.name}_d{d}")
@@ -90,9 +101,17 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset) -> fx.Graph:
     mine = [n for n in plan.nodes_of_stage(stage) if n.op in COMPUTE_OPS]
     for v in mine:
         kind = info(v).get("kind")
-        if kind == "value":
+        if kind in _RECOMPUTED:
             continue
         memory = f"{v.name}_mem" if is_shift(v) and plan.shift == "online" else None
+        if memory and taps:
+            u = v.args[0]
+            if u.op != "placeholder" and plan.delay_of[(u.name, v.name)] == 0 and u not in local:
+                tapped[memory] = None  # the input neither fired nor holds a register: it keeps the gradient
+            else:
+                fold = info(v)["fold"]
+                tapped[memory] = g.call_function(operator.getitem, (arg(u, v), (slice(None), slice(None, fold))))
+                tapped[memory]._rename(f"tap_{memory}")
         if v.name not in fires:
             if kind == "tensor" and v.name in plan.registers:
                 local[v] = read(f"{v.name}_d1")
@@ -124,37 +143,69 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset) -> fx.Graph:
     output = None
     if stage == plan.parallel - 1:
         output = fx.map_arg(out_node.args[0], lambda u: arg(u, out_node))
-    g.output((output, new_state))
+    g.output((output, new_state, tapped) if taps else (output, new_state))
     return g
 
 
 class StageStep:
-    """The tick functions of one stage: one generated GraphModule per distinct firing set."""
+    """The tick functions of one stage: one generated GraphModule per distinct firing set.
+
+    This is the unit every backend and training rule runs: `variant(tick)` is the tick function
+    of a tick, `reads` / `writes` the state keys it reads and writes over all its variants,
+    `reads_frame` whether it needs the frame. Training tick functions (`training_variants`)
+    are the same code with the shift-memory taps of `stage_graph`.
+    """
 
     def __init__(self, plan: Plan, root, stage: int):
         nodes = [n for n in plan.nodes_of_stage(stage) if n.op in COMPUTE_OPS]
-        self.stage = stage
+        self.stage, self._plan, self._root = stage, plan, root
         self.hyperperiod = math.lcm(1, *(plan.period_of[n.name] for n in nodes))
         keys = [firing(plan, nodes, t) for t in range(self.hyperperiod)]
-        distinct = list(dict.fromkeys(keys))
-        self.variant_of_tick = [distinct.index(k) for k in keys]
-        self.variants = []
-        for k in distinct:
-            gm = fx.GraphModule(root, stage_graph(plan, root, stage, k), f"Stage{stage}Tick")
-            gm.graph.eliminate_dead_code()
-            gm.recompile()
-            self.variants.append(gm)
+        self._fires = list(dict.fromkeys(keys))
+        self.variant_of_tick = [self._fires.index(k) for k in keys]
+        self.variants = [self._generate(k, False) for k in self._fires]
+        self.reads, self.writes, self.reads_frame = set(), set(), False
+        for gm in self.variants:
+            frame, state = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            self.reads_frame = self.reads_frame or bool(frame.users)
+            self.reads |= {n.args[1] for n in state.users if n.op == "call_function" and n.target is operator.getitem}
+            self.writes |= set(next(n for n in gm.graph.nodes if n.op == "output").args[0][1])
+        self._training = None
+
+    def _generate(self, fires, taps) -> fx.GraphModule:
+        gm = fx.GraphModule(self._root, stage_graph(self._plan, self._root, self.stage, fires, taps),
+                            f"Stage{self.stage}{'Train' if taps else ''}Tick")
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm
+
+    def index(self, tick: int) -> int:
+        """Which variant runs at `tick` (counted since the reset)."""
+        return self.variant_of_tick[tick % self.hyperperiod]
+
+    def variant(self, tick: int) -> fx.GraphModule:
+        return self.variants[self.index(tick)]
+
+    @property
+    def training_variants(self) -> list:
+        """Per variant, the tick function that also returns the shift-memory taps (made on first use)."""
+        if self._training is None:
+            self._training = [self._generate(k, True) for k in self._fires]
+        return self._training
 
     def __call__(self, tick: int, frame, state):
-        return self.variants[self.variant_of_tick[tick % self.hyperperiod]](frame, state)
+        return self.variant(tick)(frame, state)
 
     def code(self) -> str:
         parts = []
         for i, gm in enumerate(self.variants):
-            ticks = [t for t, v in enumerate(self.variant_of_tick) if v == i]
-            when = "every tick" if len(ticks) == self.hyperperiod else f"ticks t with t % {self.hyperperiod} in {ticks}"
-            parts.append(f"# stage {self.stage}, {when}\n{gm.code.strip()}\n")
+            parts.append(f"# stage {self.stage}, {self.when(i)}\n{gm.code.strip()}\n")
         return "\n".join(parts)
+
+    def when(self, i: int) -> str:
+        """The ticks variant `i` runs at, in words."""
+        ticks = [t for t, v in enumerate(self.variant_of_tick) if v == i]
+        return "every tick" if len(ticks) == self.hyperperiod else f"ticks t with t % {self.hyperperiod} in {ticks}"
 
 
 def lower_steps(plan: Plan, root) -> list:
@@ -177,8 +228,7 @@ def tick_flops(plan: Plan, stages) -> list:
         if stages:
             per_variant = [sum(info(n).get("flops", 0) for n in gm.graph.nodes if n.op in COMPUTE_OPS) / batch
                            for gm in stages[s].variants]
-            costs.append([per_variant[stages[s].variant_of_tick[t % stages[s].hyperperiod]]
-                          for t in range(plan.hyperperiod)])
+            costs.append([per_variant[stages[s].index(t)] for t in range(plan.hyperperiod)])
         else:
             nodes = [n for n in plan.nodes_of_stage(s) if n.op in COMPUTE_OPS]
             costs.append([sum(info(n)["flops"] / batch for n in nodes if n.name in fires)
@@ -226,10 +276,15 @@ def _shift_clip(x, fold: int, direction: str):
     return torch.cat([ahead, back, x[:, :, 2 * fold:]], 2)
 
 
-def run_clip(plan: Plan, root, clip: torch.Tensor):
-    """Outputs of ticks 0..T-1 after a reset, computed node by node on whole time series."""
+def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None):
+    """Outputs of ticks 0..T-1 after a reset, computed node by node on whole time series.
+
+    With `stages`, only the nodes of those stages run, reading and writing `env` (node ->
+    (value, clock)); the output comes back only from the group holding the last stage (else
+    None). Model-parallel BPTT runs a clip so, one stage group after another.
+    """
     B, T = clip.shape[:2]
-    env = {}
+    env = {} if env is None else env
 
     def ticks(clock):
         return range(clock[1], T, clock[0])
@@ -252,6 +307,8 @@ def run_clip(plan: Plan, root, clip: torch.Tensor):
         return picked.flatten(0, 1)
 
     for v in plan.graph.nodes:
+        if stages is not None and v.op != "get_attr" and plan.stage_of[v.name] not in stages:
+            continue
         if v.op == "placeholder":
             env[v] = (clip.flatten(0, 1), (1, 0))
         elif v.op == "get_attr":
@@ -264,7 +321,7 @@ def run_clip(plan: Plan, root, clip: torch.Tensor):
                 if u.op == "get_attr" or info(u).get("kind") != "tensor" or env[u][1] is None:
                     return env[u][0]
                 return retime(u, plan.delay_of[(u.name, v.name)], clock)
-            if kind == "value":
+            if kind in _RECOMPUTED:  # computed once for the whole clip
                 args, kwargs = fx.map_arg((v.args, v.kwargs), lambda u: env[u][0])
                 env[v] = (_call(root, v, args, kwargs), None)
                 continue

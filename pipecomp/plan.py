@@ -37,6 +37,8 @@ class Plan:
     stage_params: tuple = ()
     stage_state_bytes: tuple = ()
     latency: int = 0
+    #: modules traced as one node without being in leaf_modules: class or qualified name -> why
+    kept_whole: dict = field(default_factory=dict)
     example_shape: tuple = ()
     example_dtype: object = None
 
@@ -49,6 +51,13 @@ class Plan:
     @functools.cached_property
     def _nodes(self):
         return {n.name: n for n in self.graph.nodes}
+
+    def __getstate__(self):
+        # The name index is a cache of the graph's nodes: a copy must index its own graph's.
+        return {k: v for k, v in self.__dict__.items() if k != "_nodes"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
 
     def nodes_of_stage(self, stage: int):
         return [n for n in self.graph.nodes if self.stage_of.get(n.name) == stage and n.op != "get_attr"]
@@ -94,6 +103,7 @@ class Plan:
             f"clock speed-up: {self.clock_speedup:.2f}x (hyperperiod {self.hyperperiod}"
             + (", phases aligned)" if self.phases == "align" else ")"),
         ]
+        out += [f"kept whole: {name}: {why}" for name, why in self.kept_whole.items()]
         return "\n".join(out)
 
 

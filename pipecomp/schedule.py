@@ -20,6 +20,7 @@ import torch
 
 from .lower import tick_flops, zero_state
 from .plan import _si
+from .prepare import _stage_runs
 
 _PROFILE_CALLS = 5  # timed calls per stage variant after one warm-up; the median is kept
 
@@ -135,7 +136,6 @@ def _flop_costs(net) -> list:
 
 def _profile(net, devices, threads, prepare):
     """Measured seconds per stage and tick, and the preparation measured (None where modules train)."""
-    from .backends.threaded import _stage_runs  # the runtime's own preparation; it imports this module
 
     kinds = {torch.device(d).type for d in devices}
     if len(kinds) > 1 or not kinds <= {"cpu", "cuda"}:
@@ -156,8 +156,7 @@ def _profile(net, devices, threads, prepare):
             return [[_time(fn, frame, state, sync) for fn in (run.fast or run.eager)] for run in runs]
 
     seconds = _in_thread(measure, threads) if not cuda else measure()
-    costs = [[seconds[s][stage.variant_of_tick[t % stage.hyperperiod]] for t in range(plan.hyperperiod)]
-             for s, stage in enumerate(net._stages)]
+    costs = [[seconds[s][stage.index(t)] for t in range(plan.hyperperiod)] for s, stage in enumerate(net._stages)]
     return costs, prepare if all(run.fast is not None for run in runs) else None
 
 

@@ -1,20 +1,32 @@
-"""Tracing an image model with torch.fx, with errors a person can act on."""
+"""Tracing an image model with torch.fx, with errors a person can act on.
+
+A submodule that fx cannot trace (data-dependent control flow, say) is kept whole as one
+node and the trace is retried, as long as that helps; the modules kept whole and why are
+in ``gm.meta["kept_whole"]`` (class or qualified name -> reason), for the report.
+"""
 from __future__ import annotations
+
+import inspect
 
 import torch.fx as fx
 from torch import nn
 
 from .errors import CompileError
 
+KEPT = "kept_whole"
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# Enough for every timm model: each retry keeps one more class whole.
+_MAX_RETRIES = 64
+
 
 class _Tracer(fx.Tracer):
-    """fx's tracer plus user leaf modules and a record of which module a trace failed in."""
+    """fx's tracer plus leaf modules and a record of which module a trace failed in."""
 
-    def __init__(self, leaf_modules):
+    def __init__(self, leaves=()):  # fx re-creates the tracer without arguments to unpickle a GraphModule
         super().__init__()
-        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
-        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
-        self.failed_in = None  # (qualified name, class name) of the innermost module
+        self._leaf_types = tuple(m for m in leaves if isinstance(m, type))
+        self._leaf_names = {m for m in leaves if isinstance(m, str)}
+        self.failed_in = None  # (qualified name, module) of the innermost module
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, self._leaf_types) or qualname in self._leaf_names:
@@ -26,31 +38,111 @@ class _Tracer(fx.Tracer):
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_in is None:
-                self.failed_in = (self.path_of_module(m), type(m).__name__)
+                self.failed_in = (self.path_of_module(m), m)
             raise
 
 
-def trace(model: nn.Module, leaf_modules=()) -> fx.GraphModule:
-    """`torch.fx.symbolic_trace(model)` with `leaf_modules` kept whole (semantics §1)."""
+def leaf_key(qualname: str, module: nn.Module):
+    """What to keep whole for `module`: its class, so that every instance is kept whole at once,
+    or its qualified name for a container (keeping every nn.Sequential whole would keep too much)."""
+    return qualname if isinstance(module, _CONTAINERS) else type(module)
+
+
+def key_name(key) -> str:
+    return key if isinstance(key, str) else key.__name__
+
+
+def _bound_defaults(model: nn.Module) -> dict:
+    """The optional arguments of `model.forward` after the frame, bound to their defaults
+    (fx would make each one an input of the graph, semantics §1 has one: the frame)."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    required = [p.name for p in params if p.default is inspect.Parameter.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        raise CompileError(
+            f"{type(model).__name__}.forward takes arguments besides the frame with no default ({', '.join(required)}); "
+            f"wrap the model in a module whose forward(x) takes only the frame and passes the rest")
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+def _drop_bound_placeholders(graph: fx.Graph) -> None:
+    """fx keeps a placeholder for each bound argument, read only by checks of its value; drop them."""
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        dead, todo = [], [ph]
+        while todo:
+            n = todo.pop()
+            if n not in dead:
+                dead.append(n)
+                todo.extend(n.users)
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for n in sorted(dead, key=order.__getitem__, reverse=True):
+            graph.erase_node(n)
+
+
+def _trace_once(model, tracer):
+    before = set(vars(model))
+    try:
+        return tracer.trace(model, concrete_args=_bound_defaults(model) or None), set(vars(model)) - before
+    except Exception:
+        _forget(model, set(vars(model)) - before)
+        raise
+
+
+def _forget(model, names):
+    # fx stores the tensors it makes while tracing on the model itself; they belong to the trace.
+    for k in names:
+        delattr(model, k)
+
+
+def _reason(e: Exception) -> str:
+    reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, fx.proxy.TraceError):  # fx's own: a tensor used as a bool or iterated
+        reason = f"data-dependent control flow: {reason}"
+    return reason
+
+
+def trace(model: nn.Module, leaf_modules=(), kept=None) -> fx.GraphModule:
+    """`torch.fx.symbolic_trace(model)` with `leaf_modules` and `kept` kept whole (semantics §1).
+
+    `kept` maps more leaves (classes or qualified names) to why they are kept whole. A
+    submodule that fails to trace joins them and the trace is retried, while that helps.
+    Optional arguments of the model's forward take their defaults.
+    """
     for m in leaf_modules:
         if not (isinstance(m, str) or (isinstance(m, type) and issubclass(m, nn.Module))):
             raise TypeError(f"leaf_modules takes nn.Module classes or qualified names, got {m!r}")
-    tracer = _Tracer(leaf_modules)
-    try:
-        graph = tracer.trace(model)
-    except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, fx.proxy.TraceError):  # fx's own: a tensor used as a bool or iterated
-            reason = f"data-dependent control flow: {reason}"
-        if tracer.failed_in:
-            where, cls = tracer.failed_in
-            fix = f"pass leaf_modules=({cls},) to keep this module whole as one node"
-            at = f"module '{where}' ({cls})"
-        else:  # the model's own forward: it cannot be a leaf of itself
-            fix = ("make the model's own forward traceable (move that code into a submodule, and pass its "
-                   "class in leaf_modules)")
-            at = f"model {type(model).__name__}"
-        raise CompileError(
-            f"cannot trace {at}: {reason}. torch.fx must see the same graph for every input; {fix}") from e
-    name = type(model).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    kept = dict(kept or {})
+    for _ in range(_MAX_RETRIES):
+        tracer = _Tracer(tuple(leaf_modules) + tuple(kept))
+        try:
+            graph, made = _trace_once(model, tracer)
+            break
+        except CompileError:
+            raise
+        except Exception as e:
+            key = leaf_key(*tracer.failed_in) if tracer.failed_in else None
+            if key is None or key in kept or key in leaf_modules:
+                raise _error(model, tracer, e, kept) from e
+            kept[key] = f"cannot be traced: {_reason(e)}"
+    else:
+        raise CompileError(f"cannot trace {type(model).__name__}: still failing after keeping "
+                           f"{len(kept)} module classes whole ({', '.join(map(key_name, kept))})")
+    _drop_bound_placeholders(graph)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    _forget(model, made)
+    gm.meta[KEPT] = kept
+    return gm
+
+
+def _error(model, tracer, e, kept) -> CompileError:
+    if tracer.failed_in:
+        where, m = tracer.failed_in
+        at = f"module '{where}' ({type(m).__name__}), kept whole and still failing"
+        fix = "make that module traceable, or give example_input= a size it accepts"
+    else:  # the model's own forward: it cannot be a leaf of itself
+        at = f"model {type(model).__name__}"
+        fix = ("make the model's own forward traceable (move that code into a submodule, which pipecomp "
+               "then keeps whole)")
+    also = f" (kept whole already: {', '.join(map(key_name, kept))})" if kept else ""
+    return CompileError(f"cannot trace {at}: {_reason(e)}{also}. torch.fx must see the same graph for every "
+                        f"input; {fix}")

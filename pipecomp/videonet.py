@@ -25,6 +25,11 @@ class VideoNet(nn.Module):
             self.register_parameter(name, p)
         for name, b in model.named_buffers(recurse=False):
             self.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
+        # Tensors that tracing made (fx's `_tensor_constant0`, say): not the model's, so buffers
+        # of ours, outside the state dict, that move with the network.
+        for n in plan.graph.nodes:
+            if n.op == "get_attr" and "." not in n.target and not hasattr(self, n.target):
+                self.register_buffer(n.target, getattr(plan.module, n.target), persistent=False)
         self.plan = plan
         self.training = model.training
         # Generated code lives in a plain list so that nn.Module does not register the
@@ -32,6 +37,14 @@ class VideoNet(nn.Module):
         self._stages = lower_steps(plan, self)
         self._state = None
         self._tick = 0
+
+    def __getstate__(self):
+        # The tick functions are generated from the plan: pickle the plan, generate them again.
+        return {k: v for k, v in super().__getstate__().items() if k not in ("_stages", "_train_steps")}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._stages = lower_steps(self.plan, self)
 
     @property
     def latency(self) -> int:
@@ -99,15 +112,19 @@ class VideoNet(nn.Module):
 
         Leaves the streaming state of `step` alone. Differentiable end to end.
         """
+        self._check_clip(clip)
+        return run_clip(self.plan, self, clip)
+
+    def _check_clip(self, clip):
+        """The clip fits the network: a [B, T, C, H, W] tensor of the example's frame size and dtype."""
         if not isinstance(clip, torch.Tensor):
-            raise TypeError(f"forward() takes a clip tensor [B, T, C, H, W], got {type(clip).__name__}")
+            raise TypeError(f"a clip must be a tensor [B, T, C, H, W], got {type(clip).__name__}")
         want = tuple(self.plan.example_shape[1:])
         if clip.dim() != 5 or tuple(clip.shape[2:]) != want:
             raise ValueError(f"clip has shape {list(clip.shape)}, expected [B, T, {', '.join(map(str, want))}]; "
                              f"for a single frame use step()")
         if clip.dtype != self.plan.example_dtype:
             raise ValueError(f"clip has dtype {clip.dtype}, expected {self.plan.example_dtype}")
-        return run_clip(self.plan, self, clip)
 
     def step_code(self) -> str:
         """The generated tick functions, one per stage and clock phase, as Python."""

@@ -36,6 +36,7 @@ FLOPS_FILL = ["#ffffff", "#fee6ce", "#fdc38d", "#fd9a53", "#e8601c", "#b33c06"]
 FRAME_FILL = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462",
               "#b3de69", "#fccde5", "#bc80bd", "#ccebc5", "#ffed6f"]
 SHIFT_FILL, SHIFT_LINE = "#ecd9f7", "#7b3294"
+CONST_FILL = "#f2f2f2"
 INSIDE, CROSSING, SKIP, VALUE = "#555555", "#1f6fb2", "#d62728", "#999999"
 
 
@@ -97,10 +98,16 @@ def _op(root, node) -> str:
     return {"placeholder": "input frame", "output": "output", "get_attr": "constant"}[node.op]
 
 
+def _is_constant(node) -> bool:
+    return node.op == "get_attr" or info(node).get("kind") == "constant"
+
+
 def _shape(node) -> str:
     meta = info(node)
     if meta.get("kind") == "tensor":
         return "×".join(map(str, meta["shape"]))
+    if meta.get("kind") == "constant":
+        return "constant " + "×".join(map(str, meta.get("shape", ())))
     return {"tuple": "tuple of tensors", "value": "size (no frame)"}.get(meta.get("kind"), "")
 
 
@@ -147,8 +154,11 @@ def _node_attrs(plan, root, node, color_by, top_flops):
                       (f'<FONT POINT-SIZE="9">{_shift_text(node)}</FONT>', small), _badge([period]))
         return dict(label=label, shape="cds", style="filled", fillcolor=SHIFT_FILL, color=SHIFT_LINE,
                     penwidth="1.6", tooltip=_shift_text(node), **{"class": "pc-shift"})
+    constant = _is_constant(node)
     if node.op in ("placeholder", "output"):
         fill, font = "#fff2cc", "black"
+    elif constant:  # no clock and no frame: apart from the per-frame data (semantics §3)
+        fill, font, period = CONST_FILL, "black", None
     elif color_by == "flops":
         fill, font = _scale(FLOPS_FILL, flops / top_flops if top_flops else 0)
     else:
@@ -156,11 +166,12 @@ def _node_attrs(plan, root, node, color_by, top_flops):
     label = _rows((f'<FONT COLOR="{font}"><B>{html.escape(name)}</B></FONT>', small),
                   (f'<FONT COLOR="{font}" POINT-SIZE="10">{html.escape(_op(root, node))}</FONT>', small),
                   (f'<FONT COLOR="{font}" POINT-SIZE="9">{_shape(node)}</FONT>', small), _badge([period]))
-    shape = "note" if node.op == "get_attr" else "box"
+    shape = "note" if constant else "box"
     style = "rounded,filled" + (",dashed" if info(node).get("kind") == "value" else "")
     return dict(label=label, shape=shape, style=style, fillcolor=fill, color="#444444",
                 tooltip=f"{name}: {_op(root, node)}, {_si(flops)} FLOPs/frame, stage {plan.stage_of[name]}, "
-                        f"period {period or 1}", **{"class": f"pc-{node.op}"})
+                        f"period {period or 1}",
+                **{"class": "pc-constant" if constant and node.op in COMPUTE_OPS else f"pc-{node.op}"})
 
 
 def _group_attrs(plan, root, key, members, whole, color_by, top_flops):
@@ -216,7 +227,7 @@ def _stage_label(plan, j):
 
 def _edge(plan, u, v):
     """Classes and attributes of the edge u→v; crossing edges carry their delay (semantics §2)."""
-    if u.op == "get_attr":
+    if _is_constant(u):
         return "const", dict(style="dotted", color=VALUE)
     span = plan.stage_of[v.name] - plan.stage_of[u.name]
     if span == 0:
@@ -244,7 +255,8 @@ def _legend(plan, color_by, classes, grouped):
     lines = [("inside", INSIDE, "───", "same stage, same tick"),
              ("crossing", CROSSING, "- - -", "d=n: crosses stages, reads the value of n ticks ago"),
              ("skip", SKIP, "- - -", "temporal skip: jumps stages at delay 1, fresher features"),
-             ("value", VALUE, "- - -", "size value: no frame content, never delayed")]
+             ("value", VALUE, "- - -", "size value: no frame content, never delayed"),
+             ("const", VALUE, "·····", "constant (note shape): parameters only, recomputed by each reader")]
     rows += [f'<TR><TD><FONT COLOR="{c}"><B>{s}</B></FONT></TD><TD ALIGN="LEFT">{t}</TD></TR>'
              for cls, c, s, t in lines if cls in classes]
     if grouped:

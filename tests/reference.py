@@ -40,7 +40,7 @@ def run(net, frames):
                 if u.op == "get_attr":
                     return functools.reduce(getattr, u.target.split("."), root)
                 if info(u).get("kind") != "tensor":
-                    return now[u.name]  # shape values and tuples are never delayed
+                    return now[u.name]  # shape values, constants and tuples are never delayed
                 d = plan.delay_of[(u.name, v.name)]
                 if d == 0:
                     return now[u.name]
@@ -51,7 +51,7 @@ def run(net, frames):
                 continue
             elif v.op == "output":
                 outputs.append(fx.map_arg(v.args[0], read))
-            elif info(v).get("kind") == "value" or t % plan.period_of[v.name] == plan.phase_of[v.name]:
+            elif info(v).get("kind") in ("value", "constant") or t % plan.period_of[v.name] == plan.phase_of[v.name]:
                 args, kwargs = fx.map_arg((v.args, v.kwargs), read)
                 if is_shift(v):
                     inp, fold = args[0], info(v)["fold"]
@@ -68,3 +68,133 @@ def run(net, frames):
             if v.op not in ("output", "get_attr"):
                 history.setdefault(v.name, []).append(now[v.name])
     return outputs
+
+
+def _stage_of_params(net):
+    """Parameter name -> the stage of the node that uses it."""
+    plan, owner = net.plan, {}
+    names = {id(p): n for n, p in net.named_parameters()}
+    for v in plan.graph.nodes:
+        if v.op == "call_module":
+            tensors = net.get_submodule(v.target).parameters()
+        elif v.op == "get_attr":
+            obj = functools.reduce(getattr, v.target.split("."), net)
+            tensors = [obj] if isinstance(obj, torch.nn.Parameter) else []
+        else:
+            continue
+        for p in tensors:
+            owner.setdefault(names[id(p)], plan.stage_of[v.name])
+    return owner
+
+
+def sideways(net, frames, loss_fns):
+    """Sideways pseudo-gradients of semantics §8, node by node, straight from the text.
+
+    `loss_fns[t]` is None (tick not in W) or `output -> ℓ_t`. Every firing node computes on
+    its inputs: values of the same tick through delay-0 edges (the stage's own graph), and
+    leaves for delayed reads, held values and shift memories, whose gradients are routed by
+    the rules: a delayed read's gradient reaches the producer `delay` ticks later (rule 2),
+    a held value's and a non-firing node's arrivals wait for its next firing (rule 4), a
+    shift memory's gradient seeds the memory's channels of the shift's input value one tick
+    later (rule 2). Returns per tick {parameter name: gradient}, the losses, and per stage
+    the first tick a gradient reached it (rule 5).
+    """
+    plan, root = net.plan, net
+    params = dict(net.named_parameters())
+    owner = _stage_of_params(net)
+    history, memory, kept = {}, {}, {}
+    arrive = {}  # tick -> {node name: [gradients]}
+    taps = {}  # tick -> {shift name: gradient for the memory's channels of its input value}
+    first = [None] * plan.parallel
+    per_tick, losses = [], []
+
+    def reach(stage, t):
+        if first[stage] is None:
+            first[stage] = t
+
+    for t, x in enumerate(frames):
+        now, leaves, edge = {}, [], {}
+        for v in plan.graph.nodes:
+            def read(u, v=v):
+                if u.op == "get_attr":
+                    return functools.reduce(getattr, u.target.split("."), root)
+                if info(u).get("kind") != "tensor":
+                    return now[u.name]
+                d = plan.delay_of[(u.name, v.name)]
+                if d == 0:
+                    return now[u.name]
+                value = history[u.name][t - d] if t - d >= 0 else torch.zeros_like(now[u.name])
+                leaf = value.detach().requires_grad_()
+                leaves.append((leaf, ("arrive", u.name, t + d)))
+                return leaf
+            if v.op == "placeholder":
+                now[v.name] = x
+            elif v.op == "get_attr":
+                continue
+            elif v.op == "output":
+                output = fx.map_arg(v.args[0], read)
+            elif info(v).get("kind") in ("value", "constant") or t % plan.period_of[v.name] == plan.phase_of[v.name]:
+                args, kwargs = fx.map_arg((v.args, v.kwargs), read)
+                if is_shift(v):
+                    inp, fold = args[0], info(v)["fold"]
+                    prev = memory.get(v.name, torch.zeros_like(inp)).detach().requires_grad_()
+                    leaves.append((prev, ("tap", v.name, t + 1)))
+                    now[v.name] = torch.cat([prev[:, :fold], inp[:, fold:]], 1)
+                    memory[v.name], edge[v.name] = inp.detach(), inp
+                else:
+                    now[v.name] = _run(root, v, args, kwargs)
+            elif info(v).get("kind") == "tuple":
+                now[v.name] = None
+            else:
+                held = history[v.name][t - 1] if t > 0 else _zeros(v, x.shape[0], x.device)
+                now[v.name] = held.detach().requires_grad_()
+                leaves.append((now[v.name], ("kept", v.name, t)))
+                if is_shift(v):
+                    edge[v.name] = read(v.args[0])
+            if v.op not in ("output", "get_attr"):
+                value = now[v.name]
+                history.setdefault(v.name, []).append(value.detach() if isinstance(value, torch.Tensor) else value)
+        roots, seeds = [], []
+        fires = {v.name for v in plan.graph.nodes if v.op in ("call_module", "call_function", "call_method")
+                 and t % plan.period_of[v.name] == plan.phase_of[v.name]}
+        for name, grads in arrive.pop(t, {}).items():
+            node = plan.node(name)
+            reach(plan.stage_of[name], t)
+            if node.op == "placeholder":
+                continue
+            kept[name] = sum(grads) + kept[name] if name in kept else sum(grads)
+        for name in list(kept):
+            if name in fires and info(plan.node(name)).get("kind") == "tensor":
+                roots.append(now[name])
+                seeds.append(kept.pop(name))
+        for name, g in taps.pop(t, {}).items():
+            reach(plan.stage_of[name], t)
+            fold = info(plan.node(name))["fold"]
+            roots.append(edge[name][:, :fold])
+            seeds.append(g)
+        loss = loss_fns[t](output) if loss_fns[t] is not None else None
+        losses.append(None if loss is None else loss.detach())
+        if loss is not None:
+            reach(plan.parallel - 1, t)
+            roots.append(loss)
+            seeds.append(torch.ones_like(loss))
+        pairs = [(r, s) for r, s in zip(roots, seeds) if r.requires_grad]
+        grads = {}
+        if pairs:
+            inputs = [leaf for leaf, _ in leaves] + list(params.values())
+            found = torch.autograd.grad([r for r, _ in pairs], inputs, [s for _, s in pairs], allow_unused=True)
+            for (leaf, (how, name, when)), g in zip(leaves, found):
+                if g is None:
+                    continue
+                if how == "arrive":
+                    arrive.setdefault(when, {}).setdefault(name, []).append(g)
+                elif how == "tap":
+                    slot = taps.setdefault(when, {})
+                    fold = info(plan.node(name))["fold"]
+                    slot[name] = g[:, :fold] + slot[name] if name in slot else g[:, :fold]
+                else:
+                    reach(plan.stage_of[name], t)
+                    kept[name] = g + kept[name] if name in kept else g
+            grads = {n: g for n, g in zip(params, found[len(leaves):]) if g is not None}
+        per_tick.append(grads)
+    return per_tick, losses, first, owner

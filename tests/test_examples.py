@@ -21,3 +21,17 @@ def test_distill_example_lowers_the_loss():
     out = _run("distill.py", "--size", "32", "--steps", "8", "--frames", "6")
     losses = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "loss" in line]
     assert losses[-1] < losses[0]
+
+
+def test_sideways_example_under_torchrun_trains_like_one_process():
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           str(EXAMPLES / "train_sideways.py"), "--episodes", "3", "--check"],
+                          capture_output=True, text=True, timeout=300, check=True).stdout
+    worst = [float(line.rsplit(": ", 1)[1]) for line in done.splitlines() if "largest difference" in line]
+    assert len(worst) == 2 and max(worst) < 1e-5
+
+
+def test_sideways_example_learns_on_worker_threads():
+    out = _run("train_sideways.py", "--episodes", "40", "--workers", "2")
+    losses = [float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if "loss" in line]
+    assert losses[-1] < 0.5 * losses[0]

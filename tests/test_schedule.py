@@ -138,7 +138,7 @@ def test_profile_measures_seconds_on_a_worker_like_thread():
 
 
 def test_profile_times_the_tick_functions_the_runtime_runs():
-    from pipecomp.backends.threaded import _PREPARED
+    from pipecomp.prepare import _PREPARED
     net = pipecomp.compile(RandomNet(TINY).eval(), parallel=3, clocks="halve", example_input=(1, 3, 16, 16))
     frozen = schedule(net, 2, profile=True)
     assert frozen.prepare == "freeze" and "frozen tick functions" in frozen.table()

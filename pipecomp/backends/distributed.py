@@ -21,7 +21,7 @@ others fail with an error naming the peer rather than hang.
 from __future__ import annotations
 
 import datetime
-import operator
+import math
 import os
 import shutil
 import tempfile
@@ -39,29 +39,15 @@ from ..lower import zero_state
 TIMEOUT = datetime.timedelta(seconds=60)
 
 
-def _reads_and_writes(stage):
-    """State keys a stage reads and writes, and whether it reads the frame, over all its variants."""
-    reads, writes, frame = set(), set(), False
-    for gm in stage.variants:
-        placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
-        frame = frame or bool(placeholders["frame"].users)
-        for n in placeholders["state"].users:
-            if n.op == "call_function" and n.target is operator.getitem:
-                reads.add(n.args[1])
-        out = next(n for n in gm.graph.nodes if n.op == "output")
-        writes |= set(out.args[0][1])
-    return reads, writes, frame
-
-
 class Wiring:
     """Who sends which registers to whom each tick, from the generated stage functions."""
 
     def __init__(self, net, groups):
         self.groups = groups
-        io = [_reads_and_writes(s) for s in net._stages]
-        self.owner = {key: r for r, g in enumerate(groups) for s in g for key in io[s][1]}
-        self.reads = [set().union(*(io[s][0] for s in g)) for g in groups]
-        self.needs_frame = [r == 0 or any(io[s][2] for s in g) for r, g in enumerate(groups)]
+        stages = net._stages
+        self.owner = {key: r for r, g in enumerate(groups) for s in g for key in stages[s].writes}
+        self.reads = [set().union(*(stages[s].reads for s in g)) for g in groups]
+        self.needs_frame = [r == 0 or any(stages[s].reads_frame for s in g) for r, g in enumerate(groups)]
         #: (sender, receiver) -> sorted keys crossing between their stage groups
         self.links = {}
         for r, keys in enumerate(self.reads):
@@ -181,6 +167,139 @@ def stream(net, frames=None, *, ticks: int | None = None, batch: int | None = No
     return outputs if rank == 0 else None
 
 
+def train(net, episodes, loss_fn, optimizer, *, prediction_latency: int = 0, groups=None) -> tuple:
+    """This process's part of Sideways training (semantics §8), in an initialised process group.
+
+    Every rank passes the same `episodes` (an iterable of `(clip, targets)`, as
+    `pipecomp.train.backward` takes them) and `optimizer`, a function from a list of parameters
+    to a torch optimizer: each rank makes one for the parameters of its own stages and steps it
+    after every episode, so parameters never travel. Each tick, ranks run their stages' forward
+    and backward at once, then exchange point to point only what crosses between their stage
+    groups: registers forward, their gradient registers back. Returns the losses `[E, T]` (NaN
+    outside W) and this rank's part of the state dict (its stages' parameters and buffers).
+    """
+    from .. import train as training
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if groups is None:
+        groups = _placement(net, world, None).groups
+    if len(groups) != world:
+        raise ValueError(f"{len(groups)} stage groups for {world} processes; the network has "
+                         f"{net.plan.parallel} stages, so use at most that many processes")
+    wiring = Wiring(net, groups)
+    trainer = training._Sideways(net, stages=groups[rank])
+    owners = {}
+    for r, g in enumerate(groups):
+        for s in g:
+            for p in trainer.steps[s].params:
+                if owners.setdefault(id(p), r) != r:
+                    raise ValueError(f"a parameter is used by stages on ranks {owners[id(p)]} and {r}; each rank "
+                                     f"updates only its own, so place the stages that share it on one rank")
+    params = list({id(p): p for s in groups[rank] for p in trainer.steps[s].params}.values())
+    opt = optimizer(params)
+    all_losses = []
+
+    def exchange():
+        ops, incoming, flags, sent = [], {}, {}, []
+        for (src, dst), keys in sorted(wiring.links.items()):
+            names = [training.grad_name(k) for k in keys]
+            if src == rank:  # registers forward; the reader's gradients for them come back
+                ops += [dist.P2POp(dist.isend, trainer.state[k].contiguous(), dst) for k in keys]
+                flags[dst] = torch.zeros(len(keys), dtype=torch.uint8)
+                ops.append(dist.P2POp(dist.irecv, flags[dst], dst))
+                for k, name in zip(keys, names):
+                    incoming[name] = torch.empty_like(trainer.state[k])
+                    ops.append(dist.P2POp(dist.irecv, incoming[name], dst))
+            elif dst == rank:
+                for k in keys:
+                    incoming[k] = torch.empty_like(shapes[k])
+                    ops.append(dist.P2POp(dist.irecv, incoming[k], src))
+                have = [trainer.grads.pop(name, None) for name in names]
+                mask = torch.tensor([g is not None for g in have], dtype=torch.uint8)
+                sent.append(mask)
+                ops.append(dist.P2POp(dist.isend, mask, src))
+                ops += [dist.P2POp(dist.isend, (torch.zeros_like(shapes[k]) if g is None else g).contiguous(), src)
+                        for k, g in zip(keys, have)]
+        if ops:
+            _wait_all(dist.batch_isend_irecv(ops))
+        for (src, dst), keys in sorted(wiring.links.items()):
+            if src == rank:
+                for name, there in zip((training.grad_name(k) for k in keys), flags[dst].tolist()):
+                    g = incoming.pop(name)
+                    if there:
+                        trainer.grads[name] = g + trainer.grads[name] if name in trainer.grads else g
+        trainer.state.update(incoming)
+
+    shapes = {}
+    for clip, targets in episodes:
+        W = training._check_episode(net, clip, targets, loss_fn, "sideways", None, prediction_latency)
+        shapes = zero_state(net.plan, clip.shape[0], clip.device)
+        losses = torch.full((clip.shape[1],), math.nan)
+        opt.zero_grad()
+        training.episode(trainer, clip, targets, loss_fn, W, prediction_latency, losses, exchange)
+        opt.step()
+        dist.broadcast(losses, src=world - 1)
+        all_losses.append(losses)
+    ids = {id(t) for s in groups[rank] for gm in net._stages[s].variants
+           for t in (*gm.parameters(), *gm.buffers())}
+    mine = {n: t.detach().clone() for n, t in net.state_dict(keep_vars=True).items() if id(t) in ids}
+    return torch.stack(all_losses) if all_losses else torch.empty(0), mine
+
+
+def _serve_training(rank, net, groups, threads, episodes, loss_fn, optimizer, p, results, master_port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
+    dist.init_process_group("gloo", rank=rank, world_size=len(groups), timeout=TIMEOUT)
+    try:
+        torch.set_num_threads(threads)
+        losses, mine = train(net, episodes, loss_fn, optimizer, prediction_latency=p, groups=groups)
+        torch.save((losses, mine), os.path.join(results, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def launch_train(net, episodes, loss_fn, optimizer, nprocs: int = 2, *, prediction_latency: int = 0,
+                 timeout: float = 600.0) -> torch.Tensor:
+    """Sideways training of `net` on `episodes`, its stages split over `nprocs` processes on this machine.
+
+    As `train` under torchrun, forked on loopback (gloo): each process updates its own stages'
+    parameters with its own `optimizer(params)`. At the end the trained parameters and buffers
+    are loaded back into `net`; returns the losses `[E, T]`.
+    """
+    from .. import train as training
+
+    episodes = list(episodes)
+    for clip, targets in episodes:  # every check before any process starts
+        training._check_episode(net, clip, targets, loss_fn, "sideways", None, prediction_latency)
+    placement = _placement(net, nprocs, None)
+    folder = tempfile.mkdtemp(prefix="pipecomp-train-")
+    try:
+        _run_all(_serve_training, (net, placement.groups, placement.threads_per_worker, episodes, loss_fn, optimizer,
+                                   prediction_latency, folder, _free_port()), len(placement.groups), timeout)
+        losses = None
+        with torch.no_grad():
+            for r in range(len(placement.groups)):
+                losses, mine = torch.load(os.path.join(folder, f"rank{r}.pt"), weights_only=False)
+                net.load_state_dict(mine, strict=False)
+        return losses
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_all(target, args, nprocs: int, timeout: float) -> None:
+    """Fork `nprocs` processes running `target(rank, *args)`; raise the first one's error, or TimeoutError."""
+    procs = mp.start_processes(target, args=args, nprocs=nprocs, join=False, start_method="fork")
+    deadline = time.monotonic() + timeout
+    try:
+        while not procs.join(timeout=0.2):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the {nprocs} pipeline processes did not finish in {timeout:.0f} s")
+    finally:
+        for p in procs.processes:
+            if p.is_alive():
+                p.terminate()
+
+
 def _serve(rank, net, groups, devices, threads, frames, results, master_port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port))
     backend = "nccl" if devices[rank].startswith("cuda") else "gloo"
@@ -227,17 +346,8 @@ def launch(net, frames, nprocs: int = 2, *, devices=None, timeout: float = 300.0
     folder = tempfile.mkdtemp(prefix="pipecomp-")
     results = os.path.join(folder, "outputs.pt")
     try:
-        procs = mp.start_processes(_serve, args=(net, groups, devs, placement.threads_per_worker, frames, results,
-                                                 _free_port()), nprocs=len(groups), join=False, start_method="fork")
-        deadline = time.monotonic() + timeout
-        try:
-            while not procs.join(timeout=0.2):
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the {len(groups)} pipeline processes did not finish in {timeout:.0f} s")
-        finally:
-            for p in procs.processes:
-                if p.is_alive():
-                    p.terminate()
+        _run_all(_serve, (net, groups, devs, placement.threads_per_worker, frames, results, _free_port()),
+                 len(groups), timeout)
         return torch.load(results, weights_only=False)  # our own file, from our own process
     finally:
         shutil.rmtree(folder, ignore_errors=True)

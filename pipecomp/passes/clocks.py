@@ -32,7 +32,8 @@ def _halve(plan: Plan):
         elif h is not None:
             periods[n.name] = 2 ** max(0, round(math.log2(top / h)))
         else:
-            ins = [periods[u.name] for u in n.all_input_nodes if u.name in periods]
+            ins = [periods[u.name] for u in n.all_input_nodes
+                   if u.name in periods and info(u).get("kind") != "constant"]
             periods[n.name] = min(ins, default=1)
     return {k: (p, 0) for k, p in periods.items()}
 
@@ -64,10 +65,13 @@ def assign_clocks(plan: Plan, clocks, max_period: int | None) -> Plan:
                  for n in nodes}
     if max_period is not None:
         clock = {k: (p, ph) if p <= max_period else (max_period, ph % max_period) for k, (p, ph) in clock.items()}
+    # A constant has no clock of its own: it is computed whenever a reader needs it (§3).
     # A structure of tensors (the tuple from torch.chunk, say) is never state, so the nodes
     # unpacking it must tick exactly when it does.
     # The output reads every tick, so a structure it reads directly ticks every frame.
     for n in nodes:
+        if info(n).get("kind") == "constant":
+            clock[n.name] = (1, 0)
         if info(n).get("kind") == "tuple":
             if any(user.op == "output" for user in n.users):
                 clock[n.name] = (1, 0)

@@ -25,7 +25,7 @@ def assign_phases(plan: Plan, phases: str) -> Plan:
     for v in plan.graph.nodes:
         if v.op not in COMPUTE_OPS or v.name not in period:
             continue
-        inputs = [u for u in v.all_input_nodes if u.name in period]
+        inputs = [u for u in v.all_input_nodes if u.name in period and info(u).get("kind") != "constant"]
         # The nodes unpacking a structure of tensors tick exactly when it does (clocks.py).
         packed = next((u for u in inputs if info(u).get("kind") == "tuple" and u.op in COMPUTE_OPS), None)
         if packed is not None:

@@ -19,8 +19,9 @@ from .shift import is_shift
 def value_sources(plan: Plan, node: fx.Node, stage: int, seen=None):
     """Tensors that `stage` reads to recompute the shape value `node` locally.
 
-    Shape values are never state; a stage recomputes those it needs from tensors of the
-    same shape: its own values, the frame, or a register of another stage's tensor.
+    Shape values and constants are never state; a stage recomputes those it needs from
+    tensors of the same shape (its own values, the frame, or a register of another stage's
+    tensor), from parameters and buffers.
     """
     seen = set() if seen is None else seen
     for u in node.all_input_nodes:
@@ -28,7 +29,7 @@ def value_sources(plan: Plan, node: fx.Node, stage: int, seen=None):
             continue
         seen.add(u)
         kind = info(u).get("kind")
-        if kind == "value" and u.op in COMPUTE_OPS:
+        if kind in ("value", "constant") and u.op in COMPUTE_OPS:
             yield from value_sources(plan, u, stage, seen)
         elif u.op != "placeholder" and plan.stage_of[u.name] != stage:
             yield u
@@ -36,7 +37,7 @@ def value_sources(plan: Plan, node: fx.Node, stage: int, seen=None):
 
 def _fires_within(plan: Plan, reader: fx.Node, node: fx.Node) -> bool:
     """Does `reader` fire only on ticks when `node` fires?"""
-    if reader.op == "output" or info(reader).get("kind") == "value":
+    if reader.op == "output" or info(reader).get("kind") in ("value", "constant"):
         return False
     p, ph = plan.period_of[node.name], plan.phase_of[node.name]
     return plan.period_of[reader.name] % p == 0 and plan.phase_of[reader.name] % p == ph
@@ -53,7 +54,8 @@ def allocate_state(plan: Plan) -> Plan:
                 plan.delay_of[(v.name, r.name)] == 0 and not _fires_within(plan, r, v) for r in v.users):
             depth[v.name] = max(depth.get(v.name, 0), 1)
         for u in v.all_input_nodes:
-            if info(u).get("kind") == "value" and u.op in COMPUTE_OPS and plan.stage_of[u.name] != plan.stage_of[v.name]:
+            if info(u).get("kind") in ("value", "constant") and u.op in COMPUTE_OPS \
+                    and plan.stage_of[u.name] != plan.stage_of[v.name]:
                 for src in value_sources(plan, u, plan.stage_of[v.name]):
                     depth[src.name] = max(depth.get(src.name, 0), 1)
     state_bytes = [0] * plan.parallel
