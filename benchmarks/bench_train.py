@@ -157,6 +157,7 @@ def memory(quick, keep):
             "available_mib": available, "load_before": load(), "points": []}
     points = [(rule, t, size, limit) for t in frames for rule in ("bptt", "sideways")]
     points += [(rule, *large, large_limit) for rule in ("bptt", "sideways")]
+    data["planned"] = [(t, size) for t in frames] + [large]
     for rule, t, px, cap in points:
         data["points"].append(dict(rule=rule, frames=t, size=px, **run_point(rule, t, px, batch, parallel, cap)))
         print(data["points"][-1], flush=True)
@@ -392,12 +393,12 @@ def mib(x):
 
 def memory_table(m):
     lines = [f"| {m['model']}: peak memory of one episode | BPTT | Sideways |", "|---|---|---|"]
-    cells = {}
+    cells = {(t, px): {} for t, px in m.get("planned", [])}
     for p in m["points"]:
         cell = mib(p["peak_mib"]) if p["fits"] else f"does not fit (address space capped at {mib(p['limit_mib'])})"
         cells.setdefault((p["frames"], p["size"]), {})[p["rule"]] = cell
     for (frames, size), c in cells.items():
-        lines.append(f"| T = {frames}, {size} px | {c.get('bptt', '')} | {c.get('sideways', '')} |")
+        lines.append(f"| T = {frames}, {size} px | {c.get('bptt', 'not run')} | {c.get('sideways', 'not run')} |")
     notes = [f"peak resident memory above the loaded model and clip, fresh process per point; machine "
              f"{mib(m['machine_mib'])}, {mib(m['available_mib'])} available"]
     if "bptt_large_extrapolated_mib" in m:
@@ -421,13 +422,22 @@ def speed_table(s):
              + " | ".join(f"batch {b}: frames/s (peak memory)" for b in batches) + " |",
              "|---|" + "---|" * len(batches)]
     for key, label in SPEED_ROWS:
-        cells = []
-        for b in batches:
-            r = s["rows"][b][key]
-            cells.append(f"{r['fps']:.1f} ({mib(r['peak_mib'])})")
+        cells = [f"{s['rows'][b][key]['fps']:.1f} ({mib(s['rows'][b][key]['peak_mib'])})" for b in batches]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + (f"\n\n_frames per second: B·T frames over the median of {s['rounds']} interleaved "
-                               f"episodes (forward and backward); load average {s['load_before']} before, "
+    goals = []
+    for b in batches:  # the goals, one line per batch size
+        r = {k: v["fps"] for k, v in s["rows"][b].items()}
+        best = max(r["bptt_1_thread"], r["bptt_2_threads"])
+        for side in ("sideways_2_workers", "sideways_2_processes"):
+            goals.append(f"batch {b}, {side.replace('_', ' ')}: {r[side] / r['bptt_model_parallel_2_workers']:.2f}× "
+                         f"model-parallel BPTT, {r[side] / r['gpipe']:.2f}× GPipe, {r[side] / r['1f1b']:.2f}× 1F1B, "
+                         f"{r[side] / best:.2f}× the best BPTT on one worker")
+        one = max(r["sideways_1_thread"], r["sideways_2_threads"])
+        goals.append(f"batch {b}: Sideways parallel efficiency on 2 workers (2-worker rate over twice the best "
+                     f"one-worker rate) {r['sideways_2_workers'] / (2 * one):.2f}")
+    return "\n".join(lines) + (f"\n\n_frames per second: B·T frames over the median of {s['rounds']} episodes "
+                               f"(forward and backward; the rows of one process interleaved); "
+                               + "; ".join(goals) + f"; load average {s['load_before']} before, "
                                f"{s['load_after']} after._")
 
 
