@@ -1,6 +1,6 @@
 """What aligned clock phases change: how fresh the output is, and how uneven the ticks are.
 
-resnet50, parallel=7, clocks="halve", phases "zero" (semantics §5's default) and "align",
+resnet50, parallel=7, clocks="halve", phases "zero" and "align" (semantics §5's default),
 side by side:
 
 1. freshness, measured by perturbing frames and watching `net.step`'s output (64 px): the

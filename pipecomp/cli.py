@@ -147,7 +147,7 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clocks", choices=("halve", "none"), default="none",
                    help="halve: the period doubles every time the resolution halves")
     p.add_argument("--max-period", type=int, metavar="N")
-    p.add_argument("--phases", choices=("zero", "align"), default="zero",
+    p.add_argument("--phases", choices=("zero", "align"), default="align",
                    help="align: each slow node fires when its inputs' new values reach it (fresher outputs)")
     p.add_argument("--shift", choices=("online", "offline"), help="insert temporal shift (TSM) nodes")
     p.add_argument("--shift-place", choices=("residual", "inplace"), default="residual")

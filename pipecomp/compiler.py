@@ -116,7 +116,7 @@ def _trace(model, leaf_modules, example):
 
 
 def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", clocks=None,
-            max_period: int | None = None, phases: str = "zero", shift: str | None = None, shift_fraction: float = 1 / 8,
+            max_period: int | None = None, phases: str = "align", shift: str | None = None, shift_fraction: float = 1 / 8,
             shift_place: str = "residual", cuts=None, example_input=(1, 3, 224, 224),
             leaf_modules=()) -> VideoNet:
     """Compile an image model into a pipelined, causal video network.
@@ -124,8 +124,9 @@ def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", cl
     `parallel` stages (or explicit `cuts`), `delays` ("diagonal": depth-parallel with
     temporal skips, *Massively Parallel Video Networks* fig. 1; "aligned": classic
     pipelining), `clocks` (multi-rate, sec. 3.1; "halve" doubles the period every time the
-    resolution halves; `phases="align"` fires each slow node when its inputs' new values reach
-    it: fresher outputs, and the slow work spread over the ticks), `shift` (TSM, online or
+    resolution halves; by default, `phases="align"`, each slow node fires when its inputs' new
+    values reach it: fresher outputs, and the slow work spread over the ticks; `phases="zero"`
+    keeps every phase 0), `shift` (TSM, online or
     offline). The contract is semantics.md.
     """
     if not isinstance(model, nn.Module):

@@ -44,7 +44,8 @@ def test_max_period_caps_the_periods():
 
 
 def test_mapping_matches_node_and_module_names_with_phases():
-    net = pipecomp.compile(tvm.resnet18(), clocks={"layer4.*": (4, 1), "fc": 2}, example_input=(1, 3, 64, 64))
+    net = pipecomp.compile(tvm.resnet18(), clocks={"layer4.*": (4, 1), "fc": 2}, phases="zero",
+                           example_input=(1, 3, 64, 64))  # the clocks' own phases, as given
     plan = net.plan
     assert plan.period_of["layer4_1_conv2"] == 4 and plan.phase_of["layer4_1_conv2"] == 1
     assert plan.period_of["fc"] == 2 and plan.period_of["layer3_0_conv1"] == 1
