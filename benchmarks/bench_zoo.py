@@ -34,18 +34,24 @@ import torch
 from _results import RESULTS, machine, save
 
 ROWS = RESULTS / "zoo.jsonl"
+FAMILIES = RESULTS / "zoo-families.json"
 SIZES = (64, 96, 128)
 TOLERANCE = 1e-4
 LIMIT_S = 300
 
 
 def families():
-    """{family: smallest model}, in timm's order of names."""
+    """{family: smallest model}, in timm's order of names (kept in results/zoo-families.json:
+    building every timm model on the meta device to count its parameters takes minutes)."""
     import timm
+    if FAMILIES.exists():
+        return json.loads(FAMILIES.read_text())
     groups = collections.OrderedDict()
     for name in timm.list_models():
         groups.setdefault(re.sub(r"\d+$", "", name.split("_")[0]), []).append(name)
-    return {f: min(names, key=_params) for f, names in groups.items()}
+    chosen = {f: min(names, key=_params) for f, names in groups.items()}
+    FAMILIES.write_text(json.dumps(chosen, indent=0) + "\n")
+    return chosen
 
 
 def _params(name):
@@ -65,7 +71,7 @@ def _one_line(e: BaseException) -> str:
 def _timm_model(name):
     """The model at the smallest size it accepts, and that size."""
     import timm
-    own = timm.create_model(name).pretrained_cfg.get("input_size", (3, 224, 224))
+    own = getattr(timm.get_pretrained_cfg(name), "input_size", None) or (3, 224, 224)
     for size in SIZES + (max(own[1:]),):
         try:
             model = timm.create_model(name, img_size=size)
