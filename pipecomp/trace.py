@@ -1,8 +1,9 @@
 """Tracing an image model with torch.fx, with errors a person can act on.
 
 A submodule that fx cannot trace (data-dependent control flow, say) is kept whole as one
-node and the trace is retried, as long as that helps; the modules kept whole and why are
-in ``gm.meta["kept_whole"]`` (class or qualified name -> reason), for the report.
+node and the trace is retried, as long as that helps; so is a plain function of the model's
+own source file that its forward calls (fx's `autowrap_functions`). What was kept whole and
+why is in ``gm.meta["kept_whole"]`` (class, qualified name or function -> reason).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class _Tracer(fx.Tracer):
     """fx's tracer plus leaf modules and a record of which module a trace failed in."""
 
     def __init__(self, leaves=()):  # fx re-creates the tracer without arguments to unpickle a GraphModule
-        super().__init__()
+        super().__init__(autowrap_functions=tuple(f for f in leaves if inspect.isfunction(f)))
         self._leaf_types = tuple(m for m in leaves if isinstance(m, type))
         self._leaf_names = {m for m in leaves if isinstance(m, str)}
         self.failed_in = None  # (qualified name, module) of the innermost module
@@ -49,7 +50,23 @@ def leaf_key(qualname: str, module: nn.Module):
 
 
 def key_name(key) -> str:
-    return key if isinstance(key, str) else key.__name__
+    if isinstance(key, str):
+        return key
+    return f"{key.__name__}()" if inspect.isfunction(key) else key.__name__
+
+
+def _failing_function(model, e):
+    """The innermost plain function of the model's own source file that the failed trace ran in:
+    fx can keep it whole there (it patches forward's globals, and only public names)."""
+    scope = type(model).forward.__globals__
+    found, tb = None, e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        fn = scope.get(code.co_name)
+        if inspect.isfunction(fn) and fn.__code__ is code and not code.co_name.startswith("_"):
+            found = fn
+        tb = tb.tb_next
+    return found
 
 
 def _bound_defaults(model: nn.Module) -> dict:
@@ -120,7 +137,7 @@ def trace(model: nn.Module, leaf_modules=(), kept=None) -> fx.GraphModule:
         except CompileError:
             raise
         except Exception as e:
-            key = leaf_key(*tracer.failed_in) if tracer.failed_in else None
+            key = leaf_key(*tracer.failed_in) if tracer.failed_in else _failing_function(model, e)
             if key is None or key in kept or key in leaf_modules:
                 raise _error(model, tracer, e, kept) from e
             kept[key] = f"cannot be traced: {_reason(e)}"

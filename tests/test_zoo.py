@@ -409,3 +409,28 @@ def test_timm_models(name, options, size):
         clip = net(torch.stack(xs, 1))
     for t in range(len(xs)):
         torch.testing.assert_close(clip[:, t], got[t])
+
+
+def same_size(x, size):
+    if x.shape[-1] != size:  # control flow on the size, in a plain function (timm's CrossViT has one)
+        x = F.interpolate(x, size=(size, size))
+    return x
+
+
+class ResizesInItsOwnForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(same_size(x, SIZE // 2))
+
+
+def test_a_function_of_the_models_own_forward_that_cannot_be_traced_is_kept_whole():
+    model = ResizesInItsOwnForward().eval()
+    net = pipecomp.compile(model, parallel=2, delays="aligned", example_input=(1, 3, SIZE, SIZE))
+    assert set(net.plan.kept_whole) == {"same_size()"}
+    xs = frames(3)
+    got = stream(net, xs)
+    with torch.no_grad():
+        torch.testing.assert_close(got[1], model(xs[0]))
