@@ -40,17 +40,24 @@ TOLERANCE = 1e-4
 LIMIT_S = 300
 
 
-def families():
-    """{family: smallest model}, in timm's order of names (kept in results/zoo-families.json:
-    building every timm model on the meta device to count its parameters takes minutes)."""
+def family(name):
+    return re.sub(r"\d+$", "", name.split("_")[0])
+
+
+def families(only=None):
+    """{family: smallest model}, in timm's order of names, of every family or those in `only`
+    (all of them are kept in results/zoo-families.json: building every timm model on the meta
+    device to count its parameters takes minutes)."""
     import timm
-    if FAMILIES.exists():
+    if only is None and FAMILIES.exists():
         return json.loads(FAMILIES.read_text())
     groups = collections.OrderedDict()
     for name in timm.list_models():
-        groups.setdefault(re.sub(r"\d+$", "", name.split("_")[0]), []).append(name)
+        if only is None or family(name) in only:
+            groups.setdefault(family(name), []).append(name)
     chosen = {f: min(names, key=_params) for f, names in groups.items()}
-    FAMILIES.write_text(json.dumps(chosen, indent=0) + "\n")
+    if only is None:
+        FAMILIES.write_text(json.dumps(chosen, indent=0) + "\n")
     return chosen
 
 
@@ -198,7 +205,8 @@ def sweep(source, names, families_of=None):
 def _rows():
     if not ROWS.exists():
         return []
-    return [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
+    return list({(r["source"], r["model"]): r for r in rows}.values())  # a model run twice: its last row
 
 
 def summary():
@@ -238,7 +246,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--timm", action="store_true")
     ap.add_argument("--torchvision", action="store_true")
-    ap.add_argument("--only", nargs="*", help="model names (timm, or torchvision with --torchvision)")
+    ap.add_argument("--only", nargs="*", help="model names (timm, or torchvision with --torchvision): print their rows")
+    ap.add_argument("--families", nargs="*", help="sweep only these timm families first")
     ap.add_argument("--summary", action="store_true", help="write zoo.json, zoo.md and the README table")
     args = ap.parse_args()
     if args.summary:
@@ -246,6 +255,10 @@ def main():
     if args.only:
         for name in args.only:
             print(json.dumps(check("torchvision" if args.torchvision else "timm", name)))
+        return
+    if args.families:
+        chosen = families(set(args.families))
+        sweep("timm", list(chosen.values()), {m: f for f, m in chosen.items()})
         return
     if args.timm or not args.torchvision:
         chosen = families()
