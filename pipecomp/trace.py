@@ -96,6 +96,25 @@ def _drop_bound_placeholders(graph: fx.Graph) -> None:
             graph.erase_node(n)
 
 
+def _mutates_first_arg(n: fx.Node) -> bool:
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__") \
+        and bool(n.args) and isinstance(n.args[0], fx.Node)
+
+
+def _explicit_inplace(graph: fx.Graph) -> None:
+    """After `y.mul_(g)`, later readers of `y` read the mul_ node instead: the same tensor, but now
+    the graph says they come after it (NFNet's `out.mul_(self.skipinit_gain)` has no reader of its
+    own, so stages, registers and dead-code elimination would not see it otherwise)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in list(graph.nodes):
+        if n.op in ("call_method", "call_function") and _mutates_first_arg(n):
+            target = n.args[0]
+            for user in list(target.users):
+                if order[user] > order[n]:
+                    user.replace_input_with(target, n)
+
+
 def _trace_once(model, tracer):
     before = set(vars(model))
     try:
@@ -145,6 +164,7 @@ def trace(model: nn.Module, leaf_modules=(), kept=None) -> fx.GraphModule:
         raise CompileError(f"cannot trace {type(model).__name__}: still failing after keeping "
                            f"{len(kept)} module classes whole ({', '.join(map(key_name, kept))})")
     _drop_bound_placeholders(graph)
+    _explicit_inplace(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _forget(model, made)
     gm.meta[KEPT] = kept
