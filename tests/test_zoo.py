@@ -214,9 +214,10 @@ def stream(net, xs):
 
 
 def option_sets(kind):
-    sets = [dict(parallel=3, delays=d, clocks=c) for d in ("diagonal", "aligned") for c in (None, "halve")]
+    """Both delay modes, clocks, and shift where there are residual blocks; kept few for CI's time."""
+    sets = [dict(parallel=3, delays="diagonal", clocks="halve"), dict(parallel=3, delays="aligned", clocks=None)]
     if kind in HAS_RESIDUAL_CONVS:
-        sets += [dict(parallel=3, delays=d, clocks="halve", shift="online") for d in ("diagonal", "aligned")]
+        sets.append(dict(parallel=3, delays="aligned", clocks="halve", shift="online"))
     return sets
 
 
