@@ -117,11 +117,19 @@ def _explicit_inplace(graph: fx.Graph) -> None:
 
 def _trace_once(model, tracer):
     before = set(vars(model))
+    # Caches that modules fill in forward (LeViT's attention biases) would keep this trace's
+    # proxies, and a later trace would read them: each trace starts from, and leaves, them as they were.
+    caches = [(d, dict(d)) for m in model.modules() for k, d in vars(m).items()
+              if type(d) is dict and not k.startswith("_")]
     try:
         return tracer.trace(model, concrete_args=_bound_defaults(model) or None), set(vars(model)) - before
     except Exception:
         _forget(model, set(vars(model)) - before)
         raise
+    finally:
+        for d, saved in caches:
+            d.clear()
+            d.update(saved)
 
 
 def _forget(model, names):
