@@ -248,6 +248,7 @@ def main():
     ap.add_argument("--torchvision", action="store_true")
     ap.add_argument("--only", nargs="*", help="model names (timm, or torchvision with --torchvision): print their rows")
     ap.add_argument("--families", nargs="*", help="sweep only these timm families first")
+    ap.add_argument("--rerun-failed", action="store_true", help="run again the models whose row is not ok")
     ap.add_argument("--summary", action="store_true", help="write zoo.json, zoo.md and the README table")
     args = ap.parse_args()
     if args.summary:
@@ -255,6 +256,15 @@ def main():
     if args.only:
         for name in args.only:
             print(json.dumps(check("torchvision" if args.torchvision else "timm", name)))
+        return
+    if args.rerun_failed:
+        with ROWS.open("a") as f:
+            for r in _rows():
+                if not (r.get("aligned") == "ok" and r.get("clocked") == "ok"):
+                    row = {**run_isolated(r["source"], r["model"]), **({"family": r["family"]} if "family" in r else {})}
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    print(f"{r['source']}:{r['model']}: aligned {row['aligned']}; clocked {row['clocked']}", flush=True)
         return
     if args.families:
         chosen = families(set(args.families))
