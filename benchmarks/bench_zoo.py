@@ -227,7 +227,7 @@ def summary():
             what = r["model"] + (f" ({r['family']})" if r.get("family") else "")
             table.append(f"| {r['source']}:{what} | {_cell(r.get('aligned'))} | {_cell(r.get('clocked'))} |")
     kept = collections.Counter(k for r in rows for k in (r.get("kept_whole") or {}))
-    table += ["", f"Kept whole automatically in the models that work (class: models): "
+    table += ["", f"Kept whole automatically (class: how many of the models above): "
               + ", ".join(f"{k}: {n}" for k, n in kept.most_common()) + ".",
               f"_{machine()}; timm {_version('timm')}, torchvision {_version('torchvision')}; "
               f"{sum(r.get('seconds') or 0 for r in rows) / 60:.0f} minutes of model time._"]

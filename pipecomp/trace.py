@@ -16,7 +16,7 @@ from .errors import CompileError
 
 KEPT = "kept_whole"
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-# Enough for every timm model: each retry keeps one more class whole.
+# Each retry keeps one more class or function whole; timm's models need at most a few.
 _MAX_RETRIES = 64
 
 
