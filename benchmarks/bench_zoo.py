@@ -229,8 +229,10 @@ def summary():
             what = r["model"] + (f" ({r['family']})" if r.get("family") else "")
             table.append(f"| {r['source']}:{what} | {_cell(r.get('aligned'))} | {_cell(r.get('clocked'))} |")
     kept = collections.Counter(k for r in rows for k in (r.get("kept_whole") or {}))
-    table += ["", f"Kept whole automatically (class: how many of the models above): "
-              + ", ".join(f"{k}: {n}" for k, n in kept.most_common()) + ".",
+    unknown = sum(bool(r.get("from_log")) for r in rows)
+    table += ["", "Kept whole automatically (class: in how many models): "
+              + ", ".join(f"{k}: {n}" for k, n in kept.most_common())
+              + (f" (not recorded for {unknown} rows recovered from a sweep's log)." if unknown else "."),
               f"_{machine()}; timm {_version('timm')}, torchvision {_version('torchvision')}; "
               f"{sum(r.get('seconds') or 0 for r in rows) / 60:.0f} minutes of model time._"]
     save("zoo", dict(rows=rows, machine=machine()), "\n".join(table))
