@@ -91,7 +91,10 @@ def _timm_model(name):
 
 def _tv_model(name):
     import torchvision
-    model = torchvision.models.get_model(name)
+    try:  # segmentation models would download their backbone's weights
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+    except TypeError:
+        model = torchvision.models.get_model(name, weights=None)
     for size in SIZES + (224, 299, 384, 518):
         if _accepts(model, size):
             return model, (3, size, size)
