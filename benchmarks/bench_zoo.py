@@ -34,18 +34,31 @@ import torch
 from _results import RESULTS, machine, save
 
 ROWS = RESULTS / "zoo.jsonl"
+FAMILIES = RESULTS / "zoo-families.json"
 SIZES = (64, 96, 128)
 TOLERANCE = 1e-4
 LIMIT_S = 300
 
 
-def families():
-    """{family: smallest model}, in timm's order of names."""
+def family(name):
+    return re.sub(r"\d+$", "", name.split("_")[0])
+
+
+def families(only=None):
+    """{family: smallest model}, in timm's order of names, of every family or those in `only`
+    (all of them are kept in results/zoo-families.json: building every timm model on the meta
+    device to count its parameters takes minutes)."""
     import timm
+    if only is None and FAMILIES.exists():
+        return json.loads(FAMILIES.read_text())
     groups = collections.OrderedDict()
     for name in timm.list_models():
-        groups.setdefault(re.sub(r"\d+$", "", name.split("_")[0]), []).append(name)
-    return {f: min(names, key=_params) for f, names in groups.items()}
+        if only is None or family(name) in only:
+            groups.setdefault(family(name), []).append(name)
+    chosen = {f: min(names, key=_params) for f, names in groups.items()}
+    if only is None:
+        FAMILIES.write_text(json.dumps(chosen, indent=0) + "\n")
+    return chosen
 
 
 def _params(name):
@@ -65,7 +78,7 @@ def _one_line(e: BaseException) -> str:
 def _timm_model(name):
     """The model at the smallest size it accepts, and that size."""
     import timm
-    own = timm.create_model(name).pretrained_cfg.get("input_size", (3, 224, 224))
+    own = getattr(timm.get_pretrained_cfg(name), "input_size", None) or (3, 224, 224)
     for size in SIZES + (max(own[1:]),):
         try:
             model = timm.create_model(name, img_size=size)
@@ -78,7 +91,10 @@ def _timm_model(name):
 
 def _tv_model(name):
     import torchvision
-    model = torchvision.models.get_model(name)
+    try:  # segmentation models would download their backbone's weights
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+    except TypeError:
+        model = torchvision.models.get_model(name, weights=None)
     for size in SIZES + (224, 299, 384, 518):
         if _accepts(model, size):
             return model, (3, size, size)
@@ -192,19 +208,22 @@ def sweep(source, names, families_of=None):
 def _rows():
     if not ROWS.exists():
         return []
-    return [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in ROWS.read_text().splitlines() if line.strip()]
+    return list({(r["source"], r["model"]): r for r in rows}.values())  # a model run twice: its last row
 
 
 def summary():
     rows = _rows()
     ok = lambda r: r.get("aligned") == "ok" and r.get("clocked") == "ok"  # noqa: E731
     lines = []
+    import timm
+    totals = {"timm": len({family(n) for n in timm.list_models()}), "torchvision": len(torchvision_models())}
     for source, label in (("timm", "timm families"), ("torchvision", "torchvision models")):
         mine = [r for r in rows if r["source"] == source]
-        if not mine:
-            continue
         good = sum(map(ok, mine))
-        lines.append(f"| {label} | {good} of {len(mine)} ({good / len(mine):.0%}) |")
+        share = f" ({good / len(mine):.0%})" if mine else ""
+        lines.append(f"| {label} | {good} of the {len(mine)} run{share}; {totals[source] - len(mine)} of "
+                     f"{totals[source]} not run |")
     table = ["| what compiles, streams and equals the image model and its clips | |", "|---|---|", *lines, ""]
     failed = [r for r in rows if not ok(r)]
     if failed:
@@ -213,8 +232,10 @@ def summary():
             what = r["model"] + (f" ({r['family']})" if r.get("family") else "")
             table.append(f"| {r['source']}:{what} | {_cell(r.get('aligned'))} | {_cell(r.get('clocked'))} |")
     kept = collections.Counter(k for r in rows for k in (r.get("kept_whole") or {}))
-    table += ["", f"Kept whole automatically in the models that work (class: models): "
-              + ", ".join(f"{k}: {n}" for k, n in kept.most_common()) + ".",
+    unknown = sum(bool(r.get("from_log")) for r in rows)
+    table += ["", "Kept whole automatically (class: in how many models): "
+              + ", ".join(f"{k}: {n}" for k, n in kept.most_common())
+              + (f" (not recorded for {unknown} rows recovered from a sweep's log)." if unknown else "."),
               f"_{machine()}; timm {_version('timm')}, torchvision {_version('torchvision')}; "
               f"{sum(r.get('seconds') or 0 for r in rows) / 60:.0f} minutes of model time._"]
     save("zoo", dict(rows=rows, machine=machine()), "\n".join(table))
@@ -232,7 +253,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--timm", action="store_true")
     ap.add_argument("--torchvision", action="store_true")
-    ap.add_argument("--only", nargs="*", help="model names (timm, or torchvision with --torchvision)")
+    ap.add_argument("--only", nargs="*", help="model names (timm, or torchvision with --torchvision): print their rows")
+    ap.add_argument("--families", nargs="*", help="sweep only these timm families first")
+    ap.add_argument("--rerun-failed", action="store_true", help="run again the models whose row is not ok")
     ap.add_argument("--summary", action="store_true", help="write zoo.json, zoo.md and the README table")
     args = ap.parse_args()
     if args.summary:
@@ -240,6 +263,19 @@ def main():
     if args.only:
         for name in args.only:
             print(json.dumps(check("torchvision" if args.torchvision else "timm", name)))
+        return
+    if args.rerun_failed:
+        with ROWS.open("a") as f:
+            for r in _rows():
+                if not (r.get("aligned") == "ok" and r.get("clocked") == "ok"):
+                    row = {**run_isolated(r["source"], r["model"]), **({"family": r["family"]} if "family" in r else {})}
+                    f.write(json.dumps(row) + "\n")
+                    f.flush()
+                    print(f"{r['source']}:{r['model']}: aligned {row['aligned']}; clocked {row['clocked']}", flush=True)
+        return
+    if args.families:
+        chosen = families(set(args.families))
+        sweep("timm", list(chosen.values()), {m: f for f, m in chosen.items()})
         return
     if args.timm or not args.torchvision:
         chosen = families()

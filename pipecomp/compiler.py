@@ -115,11 +115,11 @@ def _trace(model, leaf_modules, example):
         where = _enclosing(model, n)
         key = leaf_key(*where) if where else None
         if key is None or key in kept or key in leaf_modules:
+            at = "the model's own forward" if where is None else f"module '{where[0]}', kept whole already"
             raise CompileError(
-                f"node '{n.name}' ({meta.get('module') or type(model).__name__}) makes a tensor whose first axis "
-                f"is not the batch (shape {shape} at batch {example.shape[0]}) in the model's own forward; pipecomp "
-                f"keeps one value per frame with the batch first: move that code into a submodule, which pipecomp "
-                f"then keeps whole")
+                f"node '{n.name}' makes a tensor whose first axis is not the batch (shape {shape} at batch "
+                f"{example.shape[0]}) in {at}; pipecomp keeps one value per frame with the batch first: move that "
+                f"code into a submodule whose input and output have the batch first, which pipecomp then keeps whole")
         kept = {**kept, key: f"its node '{n.name}' makes a tensor whose first axis is not the batch ({shape})"}
 
 

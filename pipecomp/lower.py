@@ -306,6 +306,22 @@ def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None):
         picked = padded.index_select(1, torch.tensor(idx, dtype=torch.long, device=val.device))
         return picked.flatten(0, 1)
 
+    derived = {}
+
+    def derived_value(u, clock):
+        # A size or constant for a reader of `clock`: a size such as x.shape[0] counts that
+        # reader's frames, so it is computed from its sources as that reader sees them.
+        if (u, clock) not in derived:
+            def src(w):
+                if w.op in COMPUTE_OPS and info(w).get("kind") in _RECOMPUTED:
+                    return derived_value(w, clock)
+                if w.op == "get_attr" or info(w).get("kind") != "tensor" or env[w][1] is None:
+                    return env[w][0]
+                return retime(w, 0, clock)
+            args, kwargs = fx.map_arg((u.args, u.kwargs), src)
+            derived[(u, clock)] = _call(root, u, args, kwargs)
+        return derived[(u, clock)]
+
     for v in plan.graph.nodes:
         if stages is not None and v.op != "get_attr" and plan.stage_of[v.name] not in stages:
             continue
@@ -318,12 +334,12 @@ def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None):
             kind = info(v).get("kind")
 
             def value(u, v=v, clock=clock):
+                if u.op in COMPUTE_OPS and info(u).get("kind") in _RECOMPUTED:
+                    return derived_value(u, clock)
                 if u.op == "get_attr" or info(u).get("kind") != "tensor" or env[u][1] is None:
                     return env[u][0]
                 return retime(u, plan.delay_of[(u.name, v.name)], clock)
-            if kind in _RECOMPUTED:  # computed once for the whole clip
-                args, kwargs = fx.map_arg((v.args, v.kwargs), lambda u: env[u][0])
-                env[v] = (_call(root, v, args, kwargs), None)
+            if kind in _RECOMPUTED:  # computed for each clock that reads it (derived_value)
                 continue
             args, kwargs = fx.map_arg((v.args, v.kwargs), value)
             n = len(ticks(clock))
@@ -341,6 +357,8 @@ def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None):
             def leaf(u, v=v):
                 if info(u).get("kind") == "tuple":  # ticks every frame (clocks pass)
                     return tree_map_only(torch.Tensor, lambda y: y.view(B, T, *y.shape[1:]), env[u][0])
+                if u.op in COMPUTE_OPS and info(u).get("kind") in _RECOMPUTED:
+                    return derived_value(u, (1, 0))
                 if u.op == "get_attr" or info(u).get("kind") != "tensor":
                     return env[u][0]
                 y = retime(u, plan.delay_of[(u.name, v.name)], (1, 0))

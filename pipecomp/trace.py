@@ -1,8 +1,9 @@
 """Tracing an image model with torch.fx, with errors a person can act on.
 
 A submodule that fx cannot trace (data-dependent control flow, say) is kept whole as one
-node and the trace is retried, as long as that helps; the modules kept whole and why are
-in ``gm.meta["kept_whole"]`` (class or qualified name -> reason), for the report.
+node and the trace is retried, as long as that helps; so is a plain function of the model's
+own source file that its forward calls (fx's `autowrap_functions`). What was kept whole and
+why is in ``gm.meta["kept_whole"]`` (class, qualified name or function -> reason).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from .errors import CompileError
 
 KEPT = "kept_whole"
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
-# Enough for every timm model: each retry keeps one more class whole.
+# Each retry keeps one more class or function whole; timm's models need at most a few.
 _MAX_RETRIES = 64
 
 
@@ -23,7 +24,7 @@ class _Tracer(fx.Tracer):
     """fx's tracer plus leaf modules and a record of which module a trace failed in."""
 
     def __init__(self, leaves=()):  # fx re-creates the tracer without arguments to unpickle a GraphModule
-        super().__init__()
+        super().__init__(autowrap_functions=tuple(f for f in leaves if inspect.isfunction(f)))
         self._leaf_types = tuple(m for m in leaves if isinstance(m, type))
         self._leaf_names = {m for m in leaves if isinstance(m, str)}
         self.failed_in = None  # (qualified name, module) of the innermost module
@@ -49,7 +50,23 @@ def leaf_key(qualname: str, module: nn.Module):
 
 
 def key_name(key) -> str:
-    return key if isinstance(key, str) else key.__name__
+    if isinstance(key, str):
+        return key
+    return f"{key.__name__}()" if inspect.isfunction(key) else key.__name__
+
+
+def _failing_function(model, e):
+    """The innermost plain function of the model's own source file that the failed trace ran in:
+    fx can keep it whole there (it patches forward's globals, and only public names)."""
+    scope = type(model).forward.__globals__
+    found, tb = None, e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        fn = scope.get(code.co_name)
+        if inspect.isfunction(fn) and fn.__code__ is code and not code.co_name.startswith("_"):
+            found = fn
+        tb = tb.tb_next
+    return found
 
 
 def _bound_defaults(model: nn.Module) -> dict:
@@ -79,13 +96,40 @@ def _drop_bound_placeholders(graph: fx.Graph) -> None:
             graph.erase_node(n)
 
 
+def _mutates_first_arg(n: fx.Node) -> bool:
+    name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "") if n.op == "call_function" else ""
+    return isinstance(name, str) and name.endswith("_") and not name.endswith("__") \
+        and bool(n.args) and isinstance(n.args[0], fx.Node)
+
+
+def _explicit_inplace(graph: fx.Graph) -> None:
+    """After `y.mul_(g)`, later readers of `y` read the mul_ node instead: the same tensor, but now
+    the graph says they come after it (NFNet's `out.mul_(self.skipinit_gain)` has no reader of its
+    own, so stages, registers and dead-code elimination would not see it otherwise)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for n in list(graph.nodes):
+        if n.op in ("call_method", "call_function") and _mutates_first_arg(n):
+            target = n.args[0]
+            for user in list(target.users):
+                if order[user] > order[n]:
+                    user.replace_input_with(target, n)
+
+
 def _trace_once(model, tracer):
     before = set(vars(model))
+    # Caches that modules fill in forward (LeViT's attention biases) would keep this trace's
+    # proxies, and a later trace would read them: each trace starts from, and leaves, them as they were.
+    caches = [(d, dict(d)) for m in model.modules() for k, d in vars(m).items()
+              if type(d) is dict and not k.startswith("_")]
     try:
         return tracer.trace(model, concrete_args=_bound_defaults(model) or None), set(vars(model)) - before
     except Exception:
         _forget(model, set(vars(model)) - before)
         raise
+    finally:
+        for d, saved in caches:
+            d.clear()
+            d.update(saved)
 
 
 def _forget(model, names):
@@ -120,7 +164,7 @@ def trace(model: nn.Module, leaf_modules=(), kept=None) -> fx.GraphModule:
         except CompileError:
             raise
         except Exception as e:
-            key = leaf_key(*tracer.failed_in) if tracer.failed_in else None
+            key = leaf_key(*tracer.failed_in) if tracer.failed_in else _failing_function(model, e)
             if key is None or key in kept or key in leaf_modules:
                 raise _error(model, tracer, e, kept) from e
             kept[key] = f"cannot be traced: {_reason(e)}"
@@ -128,6 +172,7 @@ def trace(model: nn.Module, leaf_modules=(), kept=None) -> fx.GraphModule:
         raise CompileError(f"cannot trace {type(model).__name__}: still failing after keeping "
                            f"{len(kept)} module classes whole ({', '.join(map(key_name, kept))})")
     _drop_bound_placeholders(graph)
+    _explicit_inplace(graph)
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     _forget(model, made)
     gm.meta[KEPT] = kept
