@@ -32,6 +32,14 @@ def _cut_table(plan: Plan, units):
     crossing = [0] * (n + 1)
     allowed = [True] * (n + 1)
     allowed[0] = False
+    # A size taken out of a structure of tensors (a kept-whole attention returning (x, size), say)
+    # could only be recomputed by calling its producer again, and a structure is never state:
+    # like the structure itself, it must not cross a cut.
+    pinned = set()
+    for u in plan.graph.nodes:
+        if info(u).get("kind") == "value" and any(
+                info(a).get("kind") == "tuple" and a.op != "placeholder" or a in pinned for a in u.all_input_nodes):
+            pinned.add(u)
     for u in list(pos):
         if u.op == "output" or not u.users:
             continue
@@ -41,7 +49,7 @@ def _cut_table(plan: Plan, units):
         for i in range(max(first, 1), min(last, n) + 1):
             if kind == "tensor":
                 crossing[i] += info(u)["bytes"]
-            elif kind == "tuple":
+            elif kind == "tuple" or u in pinned:
                 allowed[i] = False
     return allowed, crossing
 

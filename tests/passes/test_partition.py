@@ -85,3 +85,47 @@ def test_every_parallel_up_to_the_largest_is_a_valid_network(factory):
         net.reset()
         steps = [net.step(frames[:, t]) for t in range(frames.shape[1])]
     assert torch.allclose(clip, torch.stack(steps, 1), atol=1e-5)
+
+
+class WithSize(nn.Module):
+    """Returns its output and a size, as timm's MViTv2 attention (kept whole) does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(x), x.shape[-2:]
+
+
+class SizeFromStructure(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pair = nn.Conv2d(3, 4, 3, padding=1), WithSize()
+        self.convs = nn.Sequential(*[nn.Conv2d(4, 4, 3, padding=1) for _ in range(3)])
+
+    def forward(self, x):
+        y, size = self.pair(self.stem(x))
+        y = self.convs(nn.functional.avg_pool2d(y, 2))
+        return nn.functional.interpolate(y, size=size)
+
+
+def test_a_size_taken_from_a_structure_never_crosses_a_cut():
+    # It could be recomputed only by calling its producer again, and a structure is never state.
+    model = SizeFromStructure().eval()
+    largest = None
+    for parallel in range(1, 8):
+        try:
+            net = pipecomp.compile(model, parallel=parallel, delays="aligned", leaf_modules=(WithSize,),
+                                   example_input=(1, 3, 8, 8))
+        except ValueError as e:
+            assert "largest possible value" in str(e)
+            break
+        largest = parallel
+        xs = [torch.randn(2, 3, 8, 8) for _ in range(parallel + 1)]
+        with torch.no_grad():
+            outs = [net.step(x) for x in xs]
+            assert torch.allclose(outs[net.latency], model(xs[0]), atol=1e-6)
+    size_users = [n for n in net.plan.graph.nodes if n.name.startswith("interpolate")]
+    assert {net.plan.stage_of[n.name] for n in size_users} == {net.plan.stage_of["pair"]}
+    assert largest == 2  # the pair's stage runs from it to the interpolation: one cut left, before it
