@@ -1,6 +1,5 @@
 """Training (semantics §8): each property of the contract, against independent expectations."""
 import copy
-import math
 import os
 import pathlib
 import subprocess
