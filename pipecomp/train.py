@@ -164,7 +164,7 @@ def _keeping(step: StageStep, root, i: int, forward: fx.GraphModule, nodes) -> f
     everything = firing(plan, mine, step.variant_of_tick.index(i))
     gm = fx.GraphModule(root, stage_graph(plan, root, step.stage, everything, taps=True),
                         f"Stage{step.stage}TrainTick")
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.name in missing)
+    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.name in missing or n.is_impure())
     gm.recompile()
     return gm
 
@@ -620,7 +620,7 @@ class Distill:
         for name, a in acts.items():
             want = list(info(self.net.plan.node(name))["shape"][1:])
             if not isinstance(a, torch.Tensor) or list(a.shape[1:]) != want:
-                got = list(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+                got = f"[N, {', '.join(map(str, a.shape[1:]))}]" if isinstance(a, torch.Tensor) else type(a).__name__
                 raise ValueError(f"the teacher's activation for node '{name}' is {got}, but the net's is "
                                  f"[N, {', '.join(map(str, want))}]: give a teacher of the same architecture")
         return output, {n: (a, self._scale[n]) for n, a in acts.items()}
