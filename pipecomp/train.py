@@ -728,46 +728,57 @@ class Stream:
 
     The output of tick `t` is trained towards the target given with frame `t - prediction_latency`,
     from the first tick whose output depends on a frame; gradient state carries over ticks until
-    `reset()`. The caller's optimizer steps whenever it likes. `workers` as for `backward`.
-    Leaves the streaming state of `net.step` alone. Close it, or use it as a context manager.
+    `reset()`. The caller's optimizer steps whenever it likes. `workers` as for `backward`;
+    `distill` (a `Distill`) as for `backward`, the teacher on frame `t - prediction_latency` too
+    (then `loss_fn` may be None, and `step` takes no target). Leaves the streaming state of
+    `net.step` alone. Close it, or use it as a context manager.
     """
 
-    def __init__(self, net: VideoNet, loss_fn, *, prediction_latency: int = 0, workers=None):
-        if not callable(loss_fn):
+    def __init__(self, net: VideoNet, loss_fn, *, prediction_latency: int = 0, workers=None, distill=None):
+        if loss_fn is None and distill is None:
+            raise ValueError("loss_fn is None: give a loss_fn (output_t, target_t) -> scalar, or "
+                             "distill=train.Distill(net, ...) to learn from the teacher alone")
+        if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn must be a callable (output_t, target_t) -> scalar, got {type(loss_fn).__name__}")
         p = prediction_latency
         if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 0:
             raise ValueError(f"prediction_latency={p!r} must be an integer >= 0")
-        self.net, self.loss_fn, self.prediction_latency = net, loss_fn, p
+        _check_sideways(net)
+        _check_distill(net, distill)
+        self.net, self.loss_fn, self.prediction_latency, self.distill = net, loss_fn, p, distill
         self._first = _first_output_tick(net)
-        self._sideways = _Sideways(net, workers)
-        self._targets = []
+        self._sideways = _Sideways(net, workers, nodes=() if distill is None else distill.nodes)
+        self._targets, self._taught = [], []
         self._batch = None
 
     def reset(self) -> None:
         """A new video: values, gradient registers and pending targets back to empty."""
         self._sideways.reset()
-        self._targets, self._batch = [], None
+        self._targets, self._taught, self._batch = [], [], None
 
-    def step(self, frame: torch.Tensor, target):
+    def step(self, frame: torch.Tensor, target=None):
         """One tick on `frame`; adds its pseudo-gradient to `.grad` and returns the output."""
         net = self.net
         net._check_input(frame)
         if self._batch is not None and frame.shape[0] != self._batch:
             raise ValueError(f"frame has batch size {frame.shape[0]}, but this stream started with {self._batch}; "
                              f"call reset() to start a stream of another batch size")
-        for t in tree_flatten(target)[0]:
+        if (target is None) != (self.loss_fn is None):
+            raise ValueError("this stream has a loss_fn, so step() needs the frame's target" if target is None else
+                             "this stream has no loss_fn (it learns from its teacher), so step() takes no target")
+        for t in tree_flatten(target)[0] if target is not None else ():
             if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != frame.shape[0]:
                 raise ValueError(f"target must be a tensor [B, ...] for the frame's batch of {frame.shape[0]}, got "
                                  f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         tick, p = self._sideways.tick, self.prediction_latency
         pending = (self._targets + [target])[-(p + 1):]
-        fn = None
+        taught = (self._taught + [self.distill._run(frame)])[-(p + 1):] if self.distill is not None else []
+        fn, acts = None, None
         if tick >= max(p, self._first):
-            goal = pending[0]
-            fn = lambda o: self.loss_fn(o, goal)  # noqa: E731
-        output, _, grads = self._sideways.step(frame, fn)
-        self._targets, self._batch = pending, frame.shape[0]
+            output, acts = taught[0] if taught else (None, None)
+            fn = _tick_loss(self.loss_fn, pending[0], self.distill, output)
+        output, _, grads = self._sideways.step(frame, fn, acts)
+        self._targets, self._taught, self._batch = pending, taught, frame.shape[0]
         for step, gs in zip(self._sideways.steps, grads):
             for param, g in zip(step.params, gs):
                 if g is not None:

@@ -14,7 +14,7 @@ import pipecomp
 from pipecomp import train
 
 from . import reference
-from .test_train import SIZE, assert_grads_close, chain, episode, grads_of
+from .test_train import SIZE, _streamed, assert_grads_close, chain, episode, grads_of
 
 WEIGHT = 0.7
 
@@ -249,3 +249,41 @@ def test_bad_input_is_refused_before_any_grad_changes(rule):
     for kwargs, error, match in made:
         with pytest.raises(error, match=match):
             train.Distill(net, **kwargs)
+
+
+def test_the_default_teacher_is_the_image_model_without_added_connections_or_shifts():
+    net = perturbed(pipecomp.compile(chain(), parallel=3, skips=2, temporal=2, shift="online", shift_place="inplace",
+                                     shift_fraction=0.25, example_input=(1, 3, SIZE, SIZE)))
+    assert net.plan.added_nodes and net.plan.shift_nodes
+    d = train.Distill(net, nodes=["3"])
+    model = chain()
+    model.load_state_dict(net.state_dict(), strict=False)  # the image model's parameters, as the net holds them
+    x = torch.randn(2, 3, SIZE, SIZE)
+    out, acts = d._run(x)
+    with torch.no_grad():
+        assert torch.allclose(out, model(x), atol=1e-6)
+        assert torch.allclose(acts["_3"][0], model[:4](x), atol=1e-6)
+        assert not torch.allclose(net(x[:, None].expand(2, 4, 3, SIZE, SIZE))[:, -1], model(x), atol=1e-3)
+
+
+def test_a_stream_without_labels_equals_the_reference_tick_by_tick():
+    model = clocked()
+    net = pipecomp.compile(copy.deepcopy(model), cuts=["_2", "_6"], clocks="halve", example_input=(1, 3, SIZE, SIZE))
+    d = train.Distill(net, nodes=["1", "3", "6"], weight=WEIGHT)  # no task loss: outputs="auto" is KL
+    perturbed(net)
+    clip, _ = episode(frames=7)
+    p = 1
+    got = []
+    with train.Stream(net, None, prediction_latency=p, distill=d) as stream:
+        for t in range(7):
+            net.zero_grad(set_to_none=True)
+            stream.step(clip[:, t])
+            got.append({n: g for n, g in grads_of(net).items() if g is not None})
+        with pytest.raises(ValueError, match="takes no target"):
+            stream.step(clip[:, 0], torch.zeros(2))
+    W = _streamed(net, 7, p)
+    frames, terms = _expected_terms(net, model, clip, ("_1", "_3", "_6"), p)
+    fns = [(lambda o, t=t: kl(o, frames[t - p][0])) if t in W else None for t in range(7)]
+    want, _, _, _ = reference.sideways(net, list(clip.unbind(1)), fns, [terms[t] if t in W else None for t in range(7)])
+    for g, w in zip(got, want):
+        assert_grads_close(g, w)
