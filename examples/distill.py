@@ -9,7 +9,6 @@ match what the sequential model computes on the current frame.
     python examples/distill.py [--size 64] [--steps 20] [--frames 8] [--rule sideways]
 """
 import argparse
-import copy
 from collections import OrderedDict
 
 import torch

@@ -578,8 +578,9 @@ class Distill:
     leaves it as it is. A module (say the pretrained sequential model) is snapshotted too and
     called on frames; its activations are those of its submodules with the names of the
     distilled nodes' modules (give module names then). Either runs in eval mode, once per
-    frame, without gradients. With Sideways each node's term is a local loss of its own stage
-    at that tick: no stage waits for it (semantics §8 rules 3 and 5).
+    frame, without gradients, on the device it is on when `Distill` is made (move the net
+    first). With Sideways each node's term is a local loss of its own stage at that tick: no
+    stage waits for it (semantics §8 rules 3 and 5).
     """
 
     def __init__(self, net: VideoNet, nodes=(), *, weight: float = 1.0, outputs="auto", temperature: float = 1.0,
