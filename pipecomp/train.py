@@ -431,14 +431,17 @@ def backward(net: VideoNet, clip: torch.Tensor, targets, loss_fn, *, rule: str =
                 fn = _tick_loss(loss_fn, None if targets is None else tree_map(frame, targets), distill,
                                 None if teacher is None else tree_map_only(torch.Tensor, frame, teacher[0]))
                 acts = {n: (a[:, t - p], w) for n, (a, w) in teacher[1].items()} if teacher is not None else None
-                terms.append(_total(_loss(fn, out),
-                                    *(_activation(probes[n][:, t], acts, n) for n in nodes if t in fires[n])))
+                total = _total(_loss(fn, out), *(_activation(probes[n][:, t], acts, n) for n in nodes
+                                                 if t in fires[n]))
+                terms.append(clip.new_zeros(()) if total is None else total)  # no term fired: 0
                 losses[t] = terms[-1].detach()
             return torch.stack(terms).mean()
         probes = dict.fromkeys(nodes)
         if workers is None:
             outputs = run_clip(net.plan, net, clip, probes=probes) if probes else net(clip)
-            mean_loss(outputs, probes).backward()
+            loss = mean_loss(outputs, probes)
+            if loss.requires_grad:  # else no term of W reached a parameter: nothing to add
+                loss.backward()
         else:
             _model_parallel_bptt(net, clip, mean_loss, workers, probes)
         return losses
@@ -484,7 +487,7 @@ def _model_parallel_bptt(net, clip, mean_loss, workers, probes) -> None:
             outputs = out if out is not None else outputs
         roots = {len(groups) - 1: [(pool.submit(mean_loss, outputs, probes), None)]}
         for g in reversed(range(len(groups))):
-            mine = [(v, torch.ones_like(v) if s is None else s) for v, s in roots.get(g, [])]
+            mine = [(v, torch.ones_like(v) if s is None else s) for v, s in roots.get(g, []) if v.requires_grad]
             if mine:
                 pool.submit(torch.autograd.backward, [v for v, _ in mine], [s for _, s in mine])
             for owner, value, leaf in copies:  # the later groups are done: their gradients are all on the copies
@@ -528,8 +531,8 @@ def episode(trainer: _Sideways, clip, targets, loss_fn, W, p: int, losses, excha
         _, loss, grads = trainer.step(clip[:, t], fn, acts)
         if exchange is not None:
             exchange()
-        if loss is not None:
-            losses[t] = loss
+        if loss is not None or t in inside:
+            losses[t] = 0.0 if loss is None else loss  # a tick of W where no term fired (distillation only) has 0
         for s, gs in zip(trainer.mine, grads):
             for i, g in enumerate(gs):
                 if g is not None:
@@ -564,8 +567,9 @@ class Distill:
     over the distilled `nodes` i that fire at `t` (a clocked node that holds its value does no
     computation, so has no term then): `a_i` is the node's value at tick `t`, `â_i` the
     teacher's on frame `t - p` (p = `prediction_latency`), `n_i` its channel count (dim 1), and
-    ‖·‖² the sum of squares over one frame's values, averaged over the batch. The task term
-    needs `loss_fn` and targets; without them only the teacher trains the net.
+    ‖·‖² the sum of squares over one frame's values, averaged over the batch (a tick of W with
+    no term at all counts with loss 0). The task term needs `loss_fn` and targets; without them
+    only the teacher trains the net.
 
     `nodes`: fx node names of the compiled net, or module qualified names (a module stands for
     its output: the last node traced inside it). `outputs`: the output term — "kl" (Hinton's

@@ -287,3 +287,26 @@ def test_a_stream_without_labels_equals_the_reference_tick_by_tick():
     want, _, _, _ = reference.sideways(net, list(clip.unbind(1)), fns, [terms[t] if t in W else None for t in range(7)])
     for g, w in zip(got, want):
         assert_grads_close(g, w)
+
+
+def test_ticks_where_no_distilled_node_fires_count_as_zero():
+    model = chain()
+    net = pipecomp.compile(copy.deepcopy(model), clocks="halve", example_input=(1, 3, SIZE, SIZE))
+    assert net.plan.period_of["_6"] == 2
+    d = train.Distill(net, nodes=["6"], weight=WEIGHT, outputs=None)  # an activation term only
+    perturbed(net)
+    clip, _ = episode(frames=5)
+    W = [1, 2, 3, 4]
+    got = {}
+    for rule in train.RULES:
+        net.zero_grad(set_to_none=True)
+        got[rule] = (train.backward(net, clip, None, None, rule=rule, ticks=W, distill=d), grads_of(net))
+    assert torch.allclose(got["sideways"][0], got["bptt"][0], equal_nan=True)
+    student = copy.deepcopy(model)
+    student.load_state_dict(net.state_dict())
+    teacher = [tacts["6"] for _, tacts in taught(model, clip.unbind(1), ["6"])]
+    fired = [t for t in W if t % 2 == net.plan.phase_of["_6"]]
+    per_tick = [term(student[:7](clip[:, t]), teacher[t]) for t in fired]
+    (sum(per_tick) / len(W)).backward()  # with one stage every tick is its own frame; held ticks add 0
+    assert_grads_close(got["bptt"][1], grads_of(student))
+    assert [t for t in W if got["bptt"][0][t] == 0] == [t for t in W if t not in fired]
