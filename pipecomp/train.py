@@ -132,9 +132,13 @@ class _TrainStep:
         # Seeds that land on a node of this stage (its own registers `u_d1` and shift taps), as
         # opposed to register-chain links: the first such gradient starts the stage's count (rule 5).
         self.reaching = {grad_name(k) for k in step.writes if k.endswith("_d1") or k.endswith("_mem")}
+        # A variant generated again for a distilled node (`_keeping`) may read state no other one reads.
+        self.reads = step.reads | {n.args[1] for gm in self.variants for n in gm.graph.nodes
+                                   if n.op == "call_function" and n.target is operator.getitem
+                                   and n.args[0].op == "placeholder" and n.args[0].target == "state"}
 
     def __call__(self, tick: int, frame, state: dict, grads: dict, loss_fn, teacher=None):
-        leaves = {k: state[k].detach().requires_grad_(state[k].is_floating_point()) for k in self.step.reads}
+        leaves = {k: state[k].detach().requires_grad_(state[k].is_floating_point()) for k in self.reads}
         gm = self.variants[self.step.index(tick)]
         output, written, loss, (back, param_grads) = gm(frame, leaves, grads, self.params, loss_fn, teacher)
         reached = loss is not None or any(grads.get(g) is not None for g in self.reaching)
