@@ -8,12 +8,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 import pipecomp
 from pipecomp import train
 
 from . import reference
+from .test_properties import compiled
 from .test_train import SIZE, _streamed, assert_grads_close, chain, episode, grads_of
 
 WEIGHT = 0.7
@@ -310,3 +314,35 @@ def test_ticks_where_no_distilled_node_fires_count_as_zero():
     (sum(per_tick) / len(W)).backward()  # with one stage every tick is its own frame; held ticks add 0
     assert_grads_close(got["bptt"][1], grads_of(student))
     assert [t for t in W if got["bptt"][0][t] == 0] == [t for t in W if t not in fired]
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(compiled(), st.data())
+def test_sideways_equals_the_reference_on_random_models(case, data):
+    model, net = case
+    teacher = copy.deepcopy(model)  # the net shares the model's modules: copied before they move
+    eligible = [n.name for n in net.plan.graph.nodes if n.op == "call_module" and len(n.meta["pipecomp"].get(
+        "shape", ())) == 4 and n.name not in net.plan.shift_nodes]
+    nodes = data.draw(st.lists(st.sampled_from(eligible), min_size=1, max_size=3, unique=True))
+    d = train.Distill(net, nodes=nodes, weight=WEIGHT, outputs="mse")
+    perturbed(net)
+    clip = torch.randn(2, 6, 3, 16, 16)
+    y = torch.randn(2, 6, 3)
+
+    def task(out, target):
+        logits = out["logits"] if isinstance(out, dict) else out
+        return (logits - target).pow(2).mean()
+    W = list(range(1, 6))
+    net.zero_grad(set_to_none=True)
+    losses = train.backward(net, clip, y, task, ticks=W, distill=d)
+    got = grads_of(net)
+    frames = taught(teacher, clip.unbind(1), [net.plan.node(n).target for n in nodes])
+    local = [{n: (lambda a, n=n, t=t: WEIGHT * (a - frames[t][1][net.plan.node(n).target]).pow(2).sum()
+                  / a.shape[1] / a.shape[0]) for n in nodes} if t in W else None for t in range(6)]
+    fns = [(lambda o, t=t: task(o, y[:, t]) + sum(F.mse_loss(a, b) for a, b in zip(
+        tree_flatten(o)[0], tree_flatten(frames[t][0])[0]))) if t in W else None for t in range(6)]
+    ticks, want_losses, first, owner = reference.sideways(net, list(clip.unbind(1)), fns, local)
+    want = {n: sum(t[n] for t in ticks if n in t) / (6 - first[owner[n]]) for n in owner
+            if any(n in t for t in ticks)}
+    assert_grads_close({n: g for n, g in got.items() if g is not None}, want, atol=1e-5)
+    assert torch.allclose(losses[W], torch.stack([want_losses[t] for t in W]), atol=1e-5, rtol=1e-4)
