@@ -159,6 +159,8 @@ def _keeping(step: StageStep, root, i: int, forward: fx.GraphModule, nodes) -> f
     A firing whose value nobody reads at that tick is dead code in the tick function, but it
     still has a distillation term (the node fired, §3); that variant is generated again with
     those nodes kept."""
+    if not nodes:
+        return forward
     plan = root.plan
     fires = firing(plan, [plan.node(n) for n in nodes], step.variant_of_tick.index(i))
     missing = fires - {n.name for n in forward.graph.nodes}
