@@ -132,8 +132,9 @@ class Plan:
                        f"(counted in the table)")
         if self.feedback:
             source, reader, d = self.feedback
+            registers = f"register {source}_d1" if d == 1 else f"registers {source}_d1..{source}_d{d}"
             out.append(f"feedback: the output's '{source}' of tick t-{d}, read in stage {self.stage_of[reader]} "
-                       f"as '{reader}' (registers {source}_d1..{source}_d{d})")
+                       f"as '{reader}' ({registers})")
         return "\n".join(out)
 
 

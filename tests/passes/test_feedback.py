@@ -4,12 +4,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 import pipecomp
 from pipecomp import train
 from tests import reference
 from tests.passes.test_temporal import clip, stream
+from tests.test_properties import compiled as graphs
 from tests.test_train import chain
 
 SIZE = 8
@@ -71,7 +75,8 @@ def randomise_feedback(net, seed=1):
 
 
 OPTIONS = [dict(parallel=1), dict(parallel=3), dict(parallel=3, delays="aligned"), dict(parallel=3, clocks="halve"),
-           dict(parallel=4, clocks={"4": 2, "5": 2, "6": 2}, phases="zero")]
+           dict(parallel=4, clocks={"4": 2, "5": 2, "6": 2}, phases="zero"),
+           dict(parallel=3, shift="online", shift_place="inplace")]
 
 
 @pytest.mark.parametrize("options", OPTIONS)
@@ -259,6 +264,31 @@ def test_bad_values_are_refused_with_the_fix():
         pipecomp.compile(chain(), feedback=1, shift="offline", shift_place="inplace", example_input=(1, 3, SIZE, SIZE))
 
 
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_on_random_graphs_fresh_feedback_changes_nothing_and_set_feedback_matches_the_reference(data):
+    model, plain = data.draw(graphs(shift=False))
+    options = {k: getattr(plain.plan, k) for k in ("delays", "phases", "parallel")}
+    clocks = {n: (plain.plan.period_of[n], plain.plan.phase_of[n]) for n in plain.plan.period_of}
+    # The plain net's own clocks, by node name, so that both compile to the same schedule.
+    net = pipecomp.compile(model, clocks=lambda n: clocks.get(n.name), feedback=data.draw(st.sampled_from([1, 2])),
+                           example_input=(1, 3, 16, 16), **options)
+    x = torch.randn(2, 5, 3, 16, 16)
+    with torch.no_grad():
+        for a, b in zip(tree_leaves(net(x)), tree_leaves(plain(x)), strict=True):
+            assert torch.equal(a, b)
+    randomise_feedback(net)
+    with torch.no_grad():
+        got = tree_leaves(net(x))
+        ref = reference.run(net, list(x.unbind(1)))
+        net.reset()
+        steps = [net.step(x[:, t]) for t in range(5)]
+    for t in range(5):
+        for clip_t, step_t, ref_t in zip([a[:, t] for a in got], tree_leaves(steps[t]), tree_leaves(ref[t]), strict=True):
+            torch.testing.assert_close(clip_t, ref_t)
+            torch.testing.assert_close(step_t, ref_t)
+
+
 # -- every backend runs the feedback -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def nets():
@@ -279,11 +309,12 @@ def _steps(net, xs):
         return [net.step(x) for x in xs]
 
 
-def test_threads_run_the_feedback(nets):
+@pytest.mark.parametrize("prepare", [None, "freeze"])
+def test_threads_run_the_feedback(nets, prepare):
     from pipecomp.backends.threaded import Runtime
     plain, fresh, tuned, xs = nets
     for net, want in ((fresh, _steps(plain, xs)), (tuned, _steps(tuned, xs))):
-        with Runtime(net, 3) as rt:
+        with Runtime(net, 3, prepare=prepare) as rt:
             got = [rt.step(x) for x in xs]
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
@@ -343,3 +374,4 @@ def test_the_command_line_compiles_feedback(tmp_path, capsys):
     assert main(["compile", f"{factory}:make", "--feedback", "0", "--input", "1,3,8,8"]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pipecomp: error:")]
     assert len(errors) == 1 and "feedback=0 must be an integer >= 1" in errors[0]
+
