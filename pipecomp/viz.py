@@ -281,7 +281,8 @@ def _legend(plan, color_by, classes, grouped):
              ("value", VALUE, "- - -", "size value: no frame content, never delayed"),
              ("const", VALUE, "·····", "constant (note shape): parameters only, recomputed by each reader"),
              ("added", ADDED_LINE, "━━━", "into an added node; d=n: reads the value of n ticks ago"),
-             ("feedback", ADDED_LINE, "━━▷", "feedback: the output's tensor of d ticks ago, back to the first convolution")]
+             ("feedback", ADDED_LINE, "- -▷",
+              "feedback: the output's tensor of d ticks ago, back to the first convolution")]
     rows += [f'<TR><TD><FONT COLOR="{c}"><B>{s}</B></FONT></TD><TD ALIGN="LEFT">{t}</TD></TR>'
              for cls, c, s, t in lines if cls in classes]
     if grouped:

@@ -32,6 +32,8 @@ from ..ops import feedback_in
 from ..plan import Plan
 from .added import rebuild
 
+_NODES = ("feedback_in", "feedback_resize", "feedback", "feedback_sum")
+
 
 def _leaves(value):
     """The fx nodes of the output's structure, in order (a dict's entries in its order)."""
@@ -90,6 +92,10 @@ def add_feedback(plan: Plan, d) -> Plan:
     if c is None:
         raise CompileError(f"feedback= adds the output to the first convolution, but "
                            f"{type(plan.module).__name__} has no 2-d convolution; compile without feedback=")
+    clash = [n.name for n in plan.graph.nodes if n.name in _NODES]
+    if clash:
+        raise CompileError(f"{type(plan.module).__name__} has a node named '{clash[0]}', a name feedback= gives "
+                           f"its own nodes; rename the module or function that makes it")
     device = next(plan.module.parameters(), torch.zeros(())).device
     s, period, phase = plan.stage_of[c.name], plan.period_of[c.name], plan.phase_of[c.name]
     stage_of, period_of, phase_of = dict(plan.stage_of), dict(plan.period_of), dict(plan.phase_of)
@@ -125,6 +131,7 @@ def add_feedback(plan: Plan, d) -> Plan:
         x = node("call_module", "feedback.conv", (x,), "feedback", _meta(conv, [info(x)], device))
         total = node("call_function", operator.add, (env[c], x), "feedback_sum",
                      {**_meta(operator.add, [y, info(x)], device), "flops": 0})
+    # A model that returns its first convolution's output feeds back that output, the sum.
+    fed = total if source is c else env[source]
     return rebuild(plan, graph, {"feedback.conv": conv}, stage_of=stage_of, period_of=period_of,
-                   phase_of=phase_of, added_nodes=tuple(added),
-                   feedback=(source.name, "feedback_in", d))
+                   phase_of=phase_of, added_nodes=tuple(added), feedback=(fed.name, "feedback_in", int(d)))

@@ -1,5 +1,6 @@
 """Feedback (semantics §9): the output's tensor of tick t-d, added to the first convolution's output."""
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -133,6 +134,21 @@ def test_one_tick_by_hand():
         torch.testing.assert_close(net(x), torch.stack(want, 1))
 
 
+def test_a_model_that_is_its_first_convolution_feeds_back_the_sum():
+    # y_t = conv(x_t) + W y_{t-2} + b: the output is the first convolution's, feedback included
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    net = pipecomp.compile(nn.Sequential(copy.deepcopy(conv)), feedback=2, example_input=(1, 3, SIZE, SIZE))
+    assert net.plan.feedback == ("feedback_sum", "feedback_in", 2)
+    randomise_feedback(net)
+    x, ys = clip(frames=6), [torch.zeros(2, 4, SIZE, SIZE)] * 2
+    with torch.no_grad():
+        for t in range(6):
+            ys.append(conv(x[:, t]) + net.feedback.conv(ys[-2]))
+        torch.testing.assert_close(net(x), torch.stack(ys[2:], 1))
+        torch.testing.assert_close(stream(net, x), torch.stack(ys[2:], 1))
+
+
 def test_the_plan_lists_the_nodes_their_stage_clock_delay_and_state():
     net = compiled("classifier", 2, parallel=3, clocks="halve")
     plan = net.plan
@@ -260,6 +276,9 @@ def test_bad_values_are_refused_with_the_fix():
     with pytest.raises(pipecomp.CompileError, match=r"has shape \[1, 4, 64\]"):
         pipecomp.compile(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(2)), feedback=1,
                          example_input=(1, 3, SIZE, SIZE))
+    named = nn.Sequential(OrderedDict(stem=nn.Conv2d(3, 4, 3), feedback=nn.Conv2d(4, 4, 1)))
+    with pytest.raises(pipecomp.CompileError, match="has a node named 'feedback'"):
+        pipecomp.compile(named, feedback=1, example_input=(1, 3, SIZE, SIZE))
     with pytest.raises(ValueError, match="shift='online'"):
         pipecomp.compile(chain(), feedback=1, shift="offline", shift_place="inplace", example_input=(1, 3, SIZE, SIZE))
 
@@ -284,7 +303,8 @@ def test_on_random_graphs_fresh_feedback_changes_nothing_and_set_feedback_matche
         net.reset()
         steps = [net.step(x[:, t]) for t in range(5)]
     for t in range(5):
-        for clip_t, step_t, ref_t in zip([a[:, t] for a in got], tree_leaves(steps[t]), tree_leaves(ref[t]), strict=True):
+        for clip_t, step_t, ref_t in zip([a[:, t] for a in got], tree_leaves(steps[t]), tree_leaves(ref[t]),
+                                         strict=True):
             torch.testing.assert_close(clip_t, ref_t)
             torch.testing.assert_close(step_t, ref_t)
 
