@@ -56,6 +56,13 @@ class Count(Sizes):
         return self.conv(x).shape[1]
 
 
+class Halves(Sizes):
+    """Returns the tuple that one node makes: its first tensor is no node of its own."""
+
+    def forward(self, x):
+        return torch.split(self.conv(x), 2, 1)
+
+
 MODELS = {"classifier": chain, "segmenter": segmenter}
 
 
@@ -270,6 +277,8 @@ def test_bad_values_are_refused_with_the_fix():
     for model in (Sizes(), Count()):
         with pytest.raises(pipecomp.CompileError, match="output holds no tensor"):
             pipecomp.compile(model, feedback=1, example_input=(1, 3, SIZE, SIZE))
+    with pytest.raises(pipecomp.CompileError, match="inside the structure that node 'split' returns"):
+        pipecomp.compile(Halves(), feedback=1, example_input=(1, 3, SIZE, SIZE))
     with pytest.raises(pipecomp.CompileError, match="has no 2-d convolution"):
         pipecomp.compile(nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 3)), feedback=1,
                          example_input=(1, 3, SIZE, SIZE))
