@@ -381,6 +381,9 @@ def _check_episode(net, clip, targets, loss_fn, rule, ticks, prediction_latency,
             if t.dim() < 2 or tuple(t.shape[:2]) != (B, T):
                 raise ValueError(f"targets have shape {list(t.shape)}, but the clip is [B={B}, T={T}, ...]: give "
                                  f"one target per frame, [B, T, ...]")
+    if rule == "bptt" and distill is not None and distill.nodes and net.plan.feedback:
+        raise ValueError("with feedback= a clip runs tick by tick through the tick functions, which hand back no "
+                         "inner node: with rule='bptt' distil outputs only (nodes=()), or use rule='sideways'")
     p = prediction_latency
     if isinstance(p, bool) or not isinstance(p, numbers.Integral) or not 0 <= p < T:
         raise ValueError(f"prediction_latency={p!r} must be an integer in 0..{T - 1} (the clip has {T} frames)")

@@ -1,4 +1,4 @@
-"""The reference interpreter: semantics.md §3 and §6, tick by tick, straight from the text.
+"""The reference interpreter: semantics.md §3, §6 and §9's feedback, tick by tick, straight from the text.
 
 It reads only the plan (graph, stages' delays, clocks, shift nodes) and runs every node
 itself; nothing of pipecomp's lowering is used, so the generated code is checked against
@@ -25,6 +25,13 @@ def _run(root, v, args, kwargs):
     if v.op == "call_function":
         return v.target(*args, **kwargs)
     return getattr(args[0], v.target)(*args[1:], **kwargs)
+
+
+def _back_edge(plan, v):
+    """(source, d) when `v` is where feedback's back edge enters (§9: the source's value of tick t−d), else None."""
+    if plan.feedback and v.name == plan.feedback[1]:
+        return plan.feedback[0], plan.feedback[2]
+    return None
 
 
 def run(net, frames, history=None):
@@ -55,7 +62,10 @@ def run(net, frames, history=None):
                 outputs.append(fx.map_arg(v.args[0], read))
             elif info(v).get("kind") in ("value", "constant") or t % plan.period_of[v.name] == plan.phase_of[v.name]:
                 args, kwargs = fx.map_arg((v.args, v.kwargs), read)
-                if is_shift(v):
+                if _back_edge(plan, v):
+                    source, d = _back_edge(plan, v)
+                    now[v.name] = history[source][t - d] if t - d >= 0 else _zeros(v, x.shape[0], x.device)
+                elif is_shift(v):
                     inp, fold = args[0], info(v)["fold"]
                     prev = memory.get(v.name, torch.zeros_like(inp))
                     now[v.name] = torch.cat([prev[:, :fold], inp[:, fold:]], 1)
@@ -139,7 +149,12 @@ def sideways(net, frames, loss_fns, local=None):
                 output = fx.map_arg(v.args[0], read)
             elif info(v).get("kind") in ("value", "constant") or t % plan.period_of[v.name] == plan.phase_of[v.name]:
                 args, kwargs = fx.map_arg((v.args, v.kwargs), read)
-                if is_shift(v):
+                if _back_edge(plan, v):  # a delayed read like any other: its gradient reaches the source at t + d
+                    source, d = _back_edge(plan, v)
+                    value = history[source][t - d] if t - d >= 0 else _zeros(v, x.shape[0], x.device)
+                    now[v.name] = value.detach().requires_grad_()
+                    leaves.append((now[v.name], ("arrive", source, t + d)))
+                elif is_shift(v):
                     inp, fold = args[0], info(v)["fold"]
                     prev = memory.get(v.name, torch.zeros_like(inp)).detach().requires_grad_()
                     leaves.append((prev, ("tap", v.name, t + 1)))
