@@ -256,8 +256,8 @@ def test_bad_input_is_refused_before_any_grad_changes(rule):
 
 
 def test_the_default_teacher_is_the_image_model_without_added_connections_or_shifts():
-    net = perturbed(pipecomp.compile(chain(), parallel=3, skips=2, temporal=2, shift="online", shift_place="inplace",
-                                     shift_fraction=0.25, example_input=(1, 3, SIZE, SIZE)))
+    net = perturbed(pipecomp.compile(chain(), parallel=3, skips=2, temporal=2, feedback=1, shift="online",
+                                     shift_place="inplace", shift_fraction=0.25, example_input=(1, 3, SIZE, SIZE)))
     assert net.plan.added_nodes and net.plan.shift_nodes
     d = train.Distill(net, nodes=["3"])
     model = chain()
@@ -346,3 +346,27 @@ def test_sideways_equals_the_reference_on_random_models(case, data):
             if any(n in t for t in ticks)}
     assert_grads_close({n: g for n, g in got.items() if g is not None}, want, atol=1e-5)
     assert torch.allclose(losses[W], torch.stack([want_losses[t] for t in W]), atol=1e-5, rtol=1e-4)
+
+
+def test_feedback_nets_distil_with_sideways_as_the_reference_does():
+    model = chain()
+    net = pipecomp.compile(copy.deepcopy(model), parallel=2, feedback=1, example_input=(1, 3, SIZE, SIZE))
+    d = train.Distill(net, nodes=["1", "3"], weight=WEIGHT, outputs="mse")
+    perturbed(net)  # the feedback adapter too: the teacher (the image model) has none
+    clip, y = episode(frames=6)
+    W = [1, 2, 3, 4, 5]
+    net.zero_grad(set_to_none=True)
+    train.backward(net, clip, y, F.cross_entropy, ticks=W, distill=d)
+    got = grads_of(net)
+    frames, terms = _expected_terms(net, model, clip, ("_1", "_3"), 0)
+    fns = [(lambda o, t=t: F.cross_entropy(o, y[:, t]) + F.mse_loss(o, frames[t][0])) if t in W else None
+           for t in range(6)]
+    ticks, _, first, owner = reference.sideways(net, list(clip.unbind(1)), fns,
+                                                [terms[t] if t in W else None for t in range(6)])
+    want = {n: sum(t[n] for t in ticks if n in t) / (6 - first[owner[n]]) for n in owner if any(n in t for t in ticks)}
+    assert "feedback.conv.weight" in want
+    assert_grads_close({n: g for n, g in got.items() if g is not None}, want)
+    with pytest.raises(ValueError, match="distil outputs only"):
+        train.backward(net, clip, y, F.cross_entropy, rule="bptt", distill=d)
+    outputs_only = train.Distill(net, outputs="mse")
+    assert torch.isfinite(train.backward(net, clip, y, F.cross_entropy, rule="bptt", distill=outputs_only)[1:]).all()
