@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
+import itertools
 import math
 import numbers
 import operator
@@ -162,12 +163,12 @@ def _keeping(step: StageStep, root, i: int, forward: fx.GraphModule, nodes) -> f
     if not nodes:
         return forward
     plan = root.plan
-    fires = firing(plan, [plan.node(n) for n in nodes], step.variant_of_tick.index(i))
-    missing = fires - {n.name for n in forward.graph.nodes}
+    tick = next(t for t in itertools.count() if step.index(t) == i)  # a tick variant `i` runs at
+    missing = firing(plan, [plan.node(n) for n in nodes], tick) - {n.name for n in forward.graph.nodes}
     if not missing:
         return forward
     mine = [n for n in plan.nodes_of_stage(step.stage) if n.op in COMPUTE_OPS]
-    everything = firing(plan, mine, step.variant_of_tick.index(i))
+    everything = firing(plan, mine, tick)
     gm = fx.GraphModule(root, stage_graph(plan, root, step.stage, everything, taps=True),
                         f"Stage{step.stage}TrainTick")
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.name in missing or n.is_impure())
