@@ -8,7 +8,7 @@ what the sequential image model would have said.
   checks it on real photographs), at SIZE px.
 - Footage (`pipecomp.footage`, decoded with PyAV, centre crop): training on bikes.mp4 (its 250
   frames), evaluation on the first EVAL_FRAMES frames of vtest.avi and cityCC0.mpg.
-- Metric, per tick `t` from tick SKIP on (or later, once the pipeline has filled: `filled`), between the compiled
+- Metric (the clips streamed by `step`), per tick `t` from tick SKIP on (or later, once the pipeline has filled: `filled`), between the compiled
   network's output at tick `t` and the teacher's on frame `t − p`: top-1 agreement, top-5 agreement
   (the teacher's top-1 among the network's 5 best) and the mean KL divergence
   KL(teacher ‖ network); averaged over the two evaluation clips.
@@ -97,19 +97,25 @@ def filled(net) -> int:
 
 
 def evaluate(net, clips, p):
-    """Agreement with the teacher on frame t - p, ticks SKIP.., averaged over the evaluation clips.
-
-    Each clip runs as one `net(clip)` from a reset: in eval mode that is the stream of `step`s
-    (semantics §4), computed node by node over the whole clip."""
-    per_clip, skip = {}, max(SKIP, p, filled(net))
+    """Agreement with the teacher on frame t - p, ticks SKIP.., per clip and averaged over the
+    held-out ones. The clips (of one length) stream side by side as one batch through `step`:
+    memory stays that of one tick, where `net(clip)` would hold every node's whole series."""
+    names = list(clips)
+    x = torch.stack([clips[n][0] for n in names], 1)  # [T, clips, C, H, W]
+    target = torch.stack([clips[n][1] for n in names], 1)
+    skip = max(SKIP, p, filled(net))
+    net.reset()
     with torch.no_grad():
-        for name, (x, target) in clips.items():
-            out = net(x[None])[0][skip:]
-            want = target[skip - p:len(x) - p]
-            top1 = (out.argmax(1) == want.argmax(1)).float().mean().item()
-            top5 = (out.topk(5, 1).indices == want.argmax(1, keepdim=True)).any(1).float().mean().item()
-            kl = F.kl_div(out.log_softmax(1), want.log_softmax(1), log_target=True, reduction="batchmean").item()
-            per_clip[name] = {"top1": top1, "top5": top5, "kl": kl}
+        out = torch.stack([net.step(frame) for frame in x])[skip:]
+    net.reset()
+    want = target[skip - p:len(x) - p]
+    per_clip = {}
+    for i, name in enumerate(names):
+        o, w = out[:, i], want[:, i]
+        per_clip[name] = {
+            "top1": (o.argmax(1) == w.argmax(1)).float().mean().item(),
+            "top5": (o.topk(5, 1).indices == w.argmax(1, keepdim=True)).any(1).float().mean().item(),
+            "kl": F.kl_div(o.log_softmax(1), w.log_softmax(1), log_target=True, reduction="batchmean").item()}
     held_out = [c for name, c in per_clip.items() if name in EVAL_CLIPS]
     return ({k: statistics.fmean(c[k] for c in held_out) for k in ("top1", "top5", "kl")}
             | {"scored_from_tick": skip, "clips": per_clip})
@@ -183,7 +189,8 @@ def rows_to_run(recipes, parallels):
 def run(cfg, recipes, parallels, keep):
     teacher = models.efficientnet_lite0()
     frames = models.normalize(footage.decode(TRAIN_CLIP, cfg["train_frames"], SIZE))
-    clips = {TRAIN_CLIP: (frames, teacher_logits(teacher, frames))}  # scored apart: the training clip
+    # scored apart: the training clip's first eval_frames frames
+    clips = {TRAIN_CLIP: (frames[:cfg["eval_frames"]], teacher_logits(teacher, frames[:cfg["eval_frames"]]))}
     for name in EVAL_CLIPS:
         x = models.normalize(footage.decode(name, cfg["eval_frames"], SIZE))
         clips[name] = (x, teacher_logits(teacher, x))
@@ -239,8 +246,8 @@ def table(d):
     return "\n".join(lines) + (
         f"\n\n_EfficientNet-Lite0 at {SIZE} px, delays=\"diagonal\"; agreement of the output at tick t with the "
         f"teacher on frame t − p, ticks {SKIP}.. (later once the pipeline has filled, with clocks), on the first "
-        f"{cfg['eval_frames']} frames of {' and '.join(EVAL_CLIPS)} (mean of the two), and on the {cfg['train_frames']} "
-        f"frames of {TRAIN_CLIP} that training used: {cfg['episodes']} episodes of {cfg['batch']} windows of "
+        f"{cfg['eval_frames']} frames of {' and '.join(EVAL_CLIPS)} (mean of the two), and on the first "
+        f"{cfg['eval_frames']} of the {cfg['train_frames']} frames of {TRAIN_CLIP} that training used: {cfg['episodes']} episodes of {cfg['batch']} windows of "
         f"{cfg['frames']} scored ticks, Adam lr {cfg['lr']}, KL at temperature {cfg['temperature']}, λ = "
         f"{cfg['weight']}; ± is half the range over 2 seeds where shown; {_results.machine()}; load average "
         f"{d['load_before']} before, {d.get('load_after')} after._")
