@@ -165,6 +165,8 @@ class StageStep:
     Ticks repeat every `hyperperiod` (`variant_of_tick`) once the stage's shift memories all
     record; before that, while the pipeline fills, `warmup[t]` is the variant of tick `t`: a
     shift that fires before a frame reaches its input leaves its memory zero (semantics §6).
+    Variant `i` runs when the nodes `fires[i]` fire, the shifts `filling[i]` among them
+    without recording.
     """
 
     def __init__(self, plan: Plan, root, stage: int):
@@ -180,10 +182,11 @@ class StageStep:
         filling = [key(t) for t in range(max(records.values(), default=0))]
         while filling and filling[-1] == periodic[(len(filling) - 1) % self.hyperperiod]:
             filling.pop()  # ticks whose filling shifts do not fire run the periodic variant anyway
-        self._keys = list(dict.fromkeys(periodic + filling))
-        self.variant_of_tick = [self._keys.index(k) for k in periodic]
-        self.warmup = [self._keys.index(k) for k in filling]
-        self.variants = [self._generate(k, False) for k in self._keys]
+        keys = list(dict.fromkeys(periodic + filling))
+        self.fires, self.filling = [f for f, _ in keys], [s for _, s in keys]
+        self.variant_of_tick = [keys.index(k) for k in periodic]
+        self.warmup = [keys.index(k) for k in filling]
+        self.variants = [self._generate(i, False) for i in range(len(keys))]
         self.reads, self.writes, self.reads_frame = set(), set(), False
         for gm in self.variants:
             frame, state = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -192,9 +195,9 @@ class StageStep:
             self.writes |= set(next(n for n in gm.graph.nodes if n.op == "output").args[0][1])
         self._training = None
 
-    def _generate(self, key, taps) -> fx.GraphModule:
-        fires, filling = key
-        gm = fx.GraphModule(self._root, stage_graph(self._plan, self._root, self.stage, fires, taps, filling),
+    def _generate(self, i, taps) -> fx.GraphModule:
+        graph = stage_graph(self._plan, self._root, self.stage, self.fires[i], taps, self.filling[i])
+        gm = fx.GraphModule(self._root, graph,
                             f"Stage{self.stage}{'Train' if taps else ''}Tick")
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -213,7 +216,7 @@ class StageStep:
     def training_variants(self) -> list:
         """Per variant, the tick function that also returns the shift-memory taps (made on first use)."""
         if self._training is None:
-            self._training = [self._generate(k, True) for k in self._keys]
+            self._training = [self._generate(i, True) for i in range(len(self.variants))]
         return self._training
 
     def __call__(self, tick: int, frame, state):
