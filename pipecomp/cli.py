@@ -209,6 +209,8 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temporal", type=_temporal, metavar="K|PATTERN=K",
                    help="causal temporal filters of length K on every spatial convolution, or on those "
                         "matching PATTERN (start at zero)")
+    p.add_argument("--feedback", type=int, metavar="D",
+                   help="feed the output of tick t-D back into the first convolution (starts at zero)")
     p.add_argument("--input", type=_shape, default=(1, 3, 224, 224), metavar="B,C,H,W",
                    help="example frame shape (default 1,3,224,224)")
 
@@ -338,7 +340,7 @@ def _compile(args):
         return pipecomp.compile(
             model, parallel=args.parallel, delays=args.delays, clocks=None if args.clocks == "none" else "halve",
             max_period=args.max_period, phases=args.phases, shift=args.shift, shift_place=args.shift_place, cuts=args.cuts,
-            skips=args.skips, temporal=args.temporal, example_input=args.input)
+            skips=args.skips, temporal=args.temporal, feedback=args.feedback, example_input=args.input)
     except (ValueError, TypeError) as e:  # CompileError is a ValueError
         raise UsageError(str(e).splitlines()[0])
 

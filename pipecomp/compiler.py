@@ -125,7 +125,7 @@ def _trace(model, leaf_modules, example):
 
 def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", clocks=None,
             max_period: int | None = None, phases: str = "align", shift: str | None = None, shift_fraction: float = 1 / 8,
-            shift_place: str = "residual", cuts=None, skips=None, temporal=None,
+            shift_place: str = "residual", cuts=None, skips=None, temporal=None, feedback=None,
             example_input=(1, 3, 224, 224), leaf_modules=()) -> VideoNet:
     """Compile an image model into a pipelined, causal video network.
 
@@ -136,8 +136,9 @@ def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", cl
     values reach it: fresher outputs, and the slow work spread over the ticks; `phases="zero"`
     keeps every phase 0), `shift` (TSM, online or offline). Added connections that start at zero
     (sec. 3.2, §9): `skips` (a jump `j` or a list: temporal skips into every stage `s >= j` from
-    `j` stages below) and `temporal` (`k`, or `{pattern: k}`: convolutions become causal temporal
-    filters of length `k`). The contract is semantics.md.
+    `j` stages below), `temporal` (`k`, or `{pattern: k}`: convolutions become causal temporal
+    filters of length `k`) and `feedback` (`d`: the output of tick `t - d` is added to the first
+    convolution's output; `forward(clip)` then runs tick by tick). The contract is semantics.md.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"compile() takes an nn.Module, got {type(model).__name__}")
@@ -151,6 +152,7 @@ def compile(model: nn.Module, *, parallel: int = 1, delays: str = "diagonal", cl
     plan = passes.insert_shifts(plan, shift, shift_fraction, shift_place)
     plan = passes.assign_clocks(plan, clocks, max_period)
     plan = passes.partition(plan, parallel, cuts)
+    plan = passes.add_feedback(plan, feedback)
     plan = passes.add_temporal(plan, temporal)
     plan = passes.add_skips(plan, skips)
     plan = passes.assign_delays(plan, delays)

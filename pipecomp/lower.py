@@ -6,7 +6,9 @@ clock phases, a pure tick function ``(frame, state) -> (output, new_state)`` as 
 previous tick, so stages of one tick are independent and may run in any order or at once.
 
 `run_clip` computes a whole clip node by node (semantics §4): every node computes its time
-series in one call on a ``[B·T]`` batch, or on the frames of its firing ticks only.
+series in one call on a ``[B·T]`` batch, or on the frames of its firing ticks only. With
+feedback (§9) a node's series depends on the output's, so `run_ticks` runs the clip tick by
+tick with the tick functions instead.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import operator
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_map_only
+from torch.utils._pytree import tree_map, tree_map_only
 
 from .analysis import COMPUTE_OPS, info
 from .ops import shift_online
@@ -121,6 +123,10 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset, taps: bool = Fal
                 local[v] = read(f"{v.name}_d1")
             if memory:
                 new_state[memory] = read(memory)
+            continue
+        if plan.feedback and v.name == plan.feedback[1]:  # the back edge (§9): its source comes later
+            source, _, d = plan.feedback
+            local[v] = read(f"{source}_d{d}")
             continue
         if is_shift(v):
             both = g.call_function(shift_online, (arg(v.args[0], v), read(memory), info(v)["fold"]))
@@ -323,6 +329,9 @@ def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None):
     (value, clock)); the output comes back only from the group holding the last stage (else
     None). Model-parallel BPTT runs a clip so, one stage group after another.
     """
+    if plan.feedback:
+        raise ValueError("a network with feedback= is recurrent: its clip runs tick by tick (VideoNet.forward, "
+                         "run_ticks), not node by node; for BPTT with feedback, leave workers= unset")
     B, T = clip.shape[:2]
     env = {} if env is None else env
 
@@ -405,3 +414,24 @@ def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None):
                 y = retime(u, plan.delay_of[(u.name, v.name)], (1, 0))
                 return y.view(B, T, *y.shape[1:])
             return fx.map_arg(v.args[0], leaf)
+
+
+def run_ticks(plan: Plan, stages, clip: torch.Tensor):
+    """Outputs `[B, T, ...]` of ticks 0..T-1 after a reset, tick by tick through `stages`.
+
+    The clip mode of a recurrent network (feedback, semantics §9): the tick functions from a
+    zero state of their own, differentiable; outputs are stacked along time, values that are
+    not tensors (sizes) taken once.
+    """
+    state = zero_state(plan, clip.shape[0], clip.device)
+    outputs = []
+    for t in range(clip.shape[1]):
+        new_state, output = {}, None
+        for stage in stages:
+            out, written = stage(t, clip[:, t], state)
+            new_state.update(written)
+            if stage.stage == plan.parallel - 1:
+                output = out
+        state = new_state
+        outputs.append(output)
+    return tree_map(lambda *ys: torch.stack(ys, 1) if isinstance(ys[0], torch.Tensor) else ys[0], *outputs)

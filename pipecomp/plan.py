@@ -32,12 +32,16 @@ class Plan:
     #: its first firing whose input depends on a frame; before it the memory stays zero (semantics §6)
     shift_records_from: dict = field(default_factory=dict)
     #: nodes of the added connections (semantics §9), in the order their passes made them;
-    #: each has ``node.meta["pipecomp"]["added"]``: "skip" or "temporal", and ``["clock"]``:
+    #: each has ``node.meta["pipecomp"]["added"]``: "skip", "temporal" or "feedback", and ``["clock"]``:
     #: ``(u, lag)``, it ticks on `u`'s period `lag` ticks after `u` (so that it adds nothing to
     #: when the image model's nodes fire, however phases are chosen)
     added_nodes: tuple = ()
     #: ticks the added connections put on an edge on top of the delay mode's own: (u, v) -> ticks
     extra_delay: dict = field(default_factory=dict)
+    #: feedback's back edge (semantics §9), ``(source, reader, d)`` or ``()``: `reader` (a node with no
+    #: inputs) stands for `source`'s value of tick t−d; it is no fx edge (its stage decreases), but
+    #: ``delay_of[(source, reader)] == d`` like any edge's
+    feedback: tuple = ()
     #: register depth of every tensor node that has one: name -> D (registers name_d1..name_dD)
     registers: dict = field(default_factory=dict)
     #: per stage: FLOPs per frame without clocks; with clocks, as the tick functions execute
@@ -86,7 +90,7 @@ class Plan:
         return max(costs) / mean if mean else 1.0
 
     def added_costs(self) -> dict:
-        """Per kind of added connection ("skip", "temporal"): (nodes, parameters, FLOPs per frame)."""
+        """Per kind of added connection ("skip", "temporal", "feedback"): (nodes, parameters, FLOPs per frame)."""
         costs = {}
         for name in self.added_nodes:
             n = self.node(name)
@@ -134,6 +138,11 @@ class Plan:
         for kind, (nodes, params, flops) in self.added_costs().items():
             out.append(f"added {kind} connections: {nodes} nodes, {_si(params)} params, {_si(flops)} FLOPs/frame "
                        f"(counted in the table)")
+        if self.feedback:
+            source, reader, d = self.feedback
+            registers = f"register {source}_d1" if d == 1 else f"registers {source}_d1..{source}_d{d}"
+            out.append(f"feedback: the output's '{source}' of tick t-{d}, read in stage {self.stage_of[reader]} "
+                       f"as '{reader}' ({registers})")
         return "\n".join(out)
 
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from .errors import CompileError
-from .lower import lower_steps, run_clip, zero_state
+from .lower import lower_steps, run_clip, run_ticks, zero_state
 from .plan import Plan
 
 
@@ -15,8 +15,8 @@ class VideoNet(nn.Module):
     `step(frame)` runs one tick on a `[B, C, H, W]` frame with the state kept inside;
     `forward(clip)` runs a `[B, T, C, H, W]` clip from a fresh state without looping over
     ticks where nothing is recurrent. Parameters and buffers are the image model's own,
-    under the same qualified names, and those of added connections under ``skips.*`` and
-    ``temporal.*``.
+    under the same qualified names, and those of added connections under ``skips.*``,
+    ``temporal.*`` and ``feedback.*``.
     """
 
     def __init__(self, model: nn.Module, plan: Plan):
@@ -119,9 +119,12 @@ class VideoNet(nn.Module):
     def forward(self, clip: torch.Tensor):
         """Outputs `[B, T, ...]` of ticks 0..T-1 of `clip` `[B, T, C, H, W]` after a reset (§4).
 
-        Leaves the streaming state of `step` alone. Differentiable end to end.
+        Leaves the streaming state of `step` alone. Differentiable end to end. With feedback
+        (§9) every node depends on the output of earlier ticks, so it runs tick by tick.
         """
         self._check_clip(clip)
+        if self.plan.feedback:
+            return run_ticks(self.plan, self._stages, clip)
         return run_clip(self.plan, self, clip)
 
     def _check_clip(self, clip):

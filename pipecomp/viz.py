@@ -4,7 +4,8 @@ The graph picture draws the plan (semantics §2): one cluster per pipeline stage
 edges dashed and labelled with their delay, temporal skips of the diagonal mode
 (*Massively Parallel Video Networks*, fig. 1d) in red, clock periods (sec. 3.1) as badges
 and fill colour, TSM shift nodes (semantics §6) in their own shape, and the added connections
-(semantics §9: temporal skips' adapters, temporal filters' taps) in green, nodes and edges. Big graphs are
+(semantics §9: temporal skips' adapters, temporal filters' taps, feedback) in green, nodes and edges,
+feedback's back edge from the output's tensor to the first convolution with a hollow arrow. Big graphs are
 collapsed into module groups; a group never mixes stages, so boundaries and delays stay
 exact. The time-space picture is `pipecomp.timeline` drawn as fig. 1 draws it.
 """
@@ -39,7 +40,8 @@ FRAME_FILL = ["#8dd3c7", "#ffffb3", "#bebada", "#fb8072", "#80b1d3", "#fdb462",
 SHIFT_FILL, SHIFT_LINE = "#ecd9f7", "#7b3294"
 CONST_FILL = "#f2f2f2"
 ADDED_FILL, ADDED_LINE = "#dcf2dc", "#1b7837"
-ADDED_TEXT = {"skip": "added temporal skip (starts at zero)", "temporal": "added temporal filter (starts at zero)"}
+ADDED_TEXT = {"skip": "added temporal skip (starts at zero)", "temporal": "added temporal filter (starts at zero)",
+              "feedback": "added feedback (starts at zero)"}
 INSIDE, CROSSING, SKIP, VALUE = "#555555", "#1f6fb2", "#d62728", "#999999"
 
 
@@ -278,7 +280,9 @@ def _legend(plan, color_by, classes, grouped):
              ("skip", SKIP, "- - -", "temporal skip: jumps stages at delay 1, fresher features"),
              ("value", VALUE, "- - -", "size value: no frame content, never delayed"),
              ("const", VALUE, "·····", "constant (note shape): parameters only, recomputed by each reader"),
-             ("added", ADDED_LINE, "━━━", "into an added node; d=n: reads the value of n ticks ago")]
+             ("added", ADDED_LINE, "━━━", "into an added node; d=n: reads the value of n ticks ago"),
+             ("feedback", ADDED_LINE, "- -▷",
+              "feedback: the output's tensor of d ticks ago, back to the first convolution")]
     rows += [f'<TR><TD><FONT COLOR="{c}"><B>{s}</B></FONT></TD><TD ALIGN="LEFT">{t}</TD></TR>'
              for cls, c, s, t in lines if cls in classes]
     if grouped:
@@ -300,6 +304,14 @@ def _edges(plan, groups) -> dict:
             if a != b:
                 cls, attrs = _edge(plan, u, v)
                 edges.setdefault((a, b, attrs.get("label")), (cls, attrs))
+    source, reader, d = plan.feedback or (None, None, None)
+    if source is not None and box_of[source] != box_of[reader]:
+        # The one edge whose stage decreases (no fx edge): drawn against the flow, leaving the layout alone.
+        crossing = plan.stage_of[source] != plan.stage_of[reader]
+        attrs = dict(color=ADDED_LINE, penwidth="2.2", style="dashed" if crossing else "bold", arrowhead="onormal",
+                     label=f"d={d} feedback", fontcolor=ADDED_LINE, constraint="false")
+        edges[(box_of[source], box_of[reader], attrs["label"])] = (
+            "crossing feedback added" if crossing else "feedback added", attrs)
     return edges
 
 

@@ -1,4 +1,4 @@
-"""The reference interpreter: semantics.md §3 and §6, tick by tick, straight from the text.
+"""The reference interpreter: semantics.md §3, §6 and §9's feedback, tick by tick, straight from the text.
 
 It reads only the plan (graph, stages' delays, clocks, shift nodes) and runs every node
 itself; nothing of pipecomp's lowering is used, so the generated code is checked against
@@ -28,10 +28,17 @@ def _run(root, v, args, kwargs):
     return getattr(args[0], v.target)(*args[1:], **kwargs)
 
 
+def _back_edge(plan, v):
+    """(source, d) when `v` is where feedback's back edge enters (§9: the source's value of tick t−d), else None."""
+    if plan.feedback and v.name == plan.feedback[1]:
+        return plan.feedback[0], plan.feedback[2]
+    return None
+
+
 class _Fed:
     """Which values depend on a frame, tick by tick (semantics §6): the frame does; a computed
-    value does when a tensor input it read does; a held value keeps its flag; zero registers,
-    shape values and constants do not."""
+    value does when a tensor input it read does (feedback's reader when its source's value of
+    tick t−d did); a held value keeps its flag; zero registers, shape values and constants do not."""
 
     def __init__(self, plan):
         self.plan, self.history, self.now = plan, {}, {}
@@ -50,6 +57,9 @@ class _Fed:
                 continue
             if v.op == "placeholder":
                 self.now[v.name] = True
+            elif _fires(self.plan, v, t) and _back_edge(self.plan, v):
+                source, d = _back_edge(self.plan, v)
+                self.now[v.name] = t - d >= 0 and self.history[source][t - d]
             elif _fires(self.plan, v, t):
                 self.now[v.name] = any(self.read(u, v, t) for u in v.all_input_nodes)
             else:
@@ -93,7 +103,10 @@ def run(net, frames):
                 outputs.append(fx.map_arg(v.args[0], read))
             elif _fires(plan, v, t):
                 args, kwargs = fx.map_arg((v.args, v.kwargs), read)
-                if is_shift(v):
+                if _back_edge(plan, v):
+                    source, d = _back_edge(plan, v)
+                    now[v.name] = history[source][t - d] if t - d >= 0 else _zeros(v, x.shape[0], x.device)
+                elif is_shift(v):
                     inp, fold = args[0], info(v)["fold"]
                     prev = memory.get(v.name, torch.zeros_like(inp))
                     now[v.name] = torch.cat([prev[:, :fold], inp[:, fold:]], 1)
@@ -178,7 +191,12 @@ def sideways(net, frames, loss_fns):
                 output = fx.map_arg(v.args[0], read)
             elif _fires(plan, v, t):
                 args, kwargs = fx.map_arg((v.args, v.kwargs), read)
-                if is_shift(v):
+                if _back_edge(plan, v):  # a delayed read like any other: its gradient reaches the source at t + d
+                    source, d = _back_edge(plan, v)
+                    value = history[source][t - d] if t - d >= 0 else _zeros(v, x.shape[0], x.device)
+                    now[v.name] = value.detach().requires_grad_()
+                    leaves.append((now[v.name], ("arrive", source, t + d)))
+                elif is_shift(v):
                     inp, fold = args[0], info(v)["fold"]
                     prev = memory.get(v.name, torch.zeros_like(inp)).detach().requires_grad_()
                     leaves.append((prev, ("tap", v.name, t + 1)))

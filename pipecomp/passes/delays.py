@@ -10,7 +10,9 @@ MODES = ("diagonal", "aligned")
 def assign_delays(plan: Plan, mode: str) -> Plan:
     """`"diagonal"`: 1 on every crossing edge, so long edges are temporal skips;
     `"aligned"`: the number of stages crossed, so every node sees a single frame.
-    The added connections' `plan.extra_delay` (semantics §9) comes on top of either."""
+    The added connections' `plan.extra_delay` (semantics §9) comes on top of either; feedback's
+    back edge has its own delay `d` in both modes. Latency counts paths along fx edges: the back
+    edge only makes paths longer."""
     delay_of = {}
     for v in plan.graph.nodes:
         for u in v.all_input_nodes:
@@ -22,6 +24,9 @@ def assign_delays(plan: Plan, mode: str) -> Plan:
             else:
                 d = 1 if mode == "diagonal" else span
             delay_of[(u.name, v.name)] = d + plan.extra_delay.get((u.name, v.name), 0)
+    if plan.feedback:  # the back edge (semantics §9) is no fx edge, and its delay is the feedback's own
+        source, reader, d = plan.feedback
+        delay_of[(source, reader)] = d
     # Latency: the smallest total delay on a path that carries the frame's content,
     # i.e. through tensors; shape values reach the output with no delay but no content.
     dist = {}

@@ -50,6 +50,8 @@ def _first_fed(plan: Plan) -> dict:
     The frame does from tick 0; a node from its first firing at which one of its tensor
     inputs, read with its delay, does, and it keeps that (a held value holds it). The same
     reasoning as `pipecomp.timeline`, in closed form: such ticks only grow along a path.
+    Feedback's reader (§9) has no inputs and is left out: it is only added to a value that a
+    frame reaches first along the main path.
     """
     first = {}
     for v in plan.graph.nodes:
