@@ -240,7 +240,8 @@ class StageStep:
         filling = [t for t, v in enumerate(self.warmup) if v == i]
         parts = []
         if ticks:
-            every = "every tick" if len(ticks) == self.hyperperiod else f"ticks t with t % {self.hyperperiod} in {ticks}"
+            every = "every tick" if len(ticks) == self.hyperperiod else \
+                f"ticks t with t % {self.hyperperiod} in {ticks}"
             parts.append(f"{every} from tick {len(self.warmup)} on" if self.warmup else every)
         if filling:
             runs = len(filling) > 1 and filling == list(range(filling[0], filling[-1] + 1))
@@ -259,9 +260,9 @@ def tick_flops(plan: Plan, stages) -> list:
     """FLOPs per frame that each stage computes at each tick of the hyperperiod: `[stage][tick]`.
 
     That is what the generated tick functions contain once the pipeline has filled: nodes
-    that fire and whose value is used in the stage, by the output or through a register. A firing nobody reads is dead
-    code and costs nothing. Without tick functions (offline shift: clips only) it is every
-    firing node.
+    that fire and whose value is used in the stage, by the output or through a register. A
+    firing nobody reads is dead code and costs nothing. Without tick functions (offline shift:
+    clips only) it is every firing node.
     """
     batch = plan.example_shape[0]
     costs = []

@@ -2,10 +2,10 @@
 
 A manifest (`manifest.json`, schema `manifest.schema.json`) says what a tick is (semantics
 §3) in terms a runner can follow without torch: the state buffers and their zeros, each
-stage's variants and the ticks they run at (while the pipeline fills, and then periodically), the module each variant calls with which
-inputs, and the wires that move values without a call. Its `modules` hold TVM libraries or
-ONNX models (`backend`, and each module's `format`). `manifest_lower.lower` writes it from a
-compiled network.
+stage's variants and the ticks they run at (while the pipeline fills, then periodically),
+the module each variant calls with which inputs, and the wires that move values without a
+call. Its `modules` hold TVM libraries or ONNX models (`backend`, and each module's
+`format`). `manifest_lower.lower` writes it from a compiled network.
 
 This file needs only the standard library: exports copy it, with the schema, next to their
 runner, so that a board runs the program with nothing but its runtime (TVM or ONNX Runtime)

@@ -43,7 +43,8 @@ def lower(net: VideoNet, backend: str, extension: str):
             for i, gm in enumerate(step.variants):
                 ticks = [t for t, v in enumerate(step.variant_of_tick) if v == i]
                 flat, variant, example = _split(gm, frame, state)
-                variant = {"ticks": ticks, "fires": sorted(step.fires[i]), "filling": sorted(step.filling[i]), **variant}
+                variant = {"ticks": ticks, "fires": sorted(step.fires[i]), "filling": sorted(step.filling[i]),
+                           **variant}
                 if flat is not None:
                     # Identical tick functions (same code on the same shapes) share one module.
                     key = (flat.code, tuple(tuple(a.shape) for a in example))
