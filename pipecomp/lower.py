@@ -323,12 +323,14 @@ def _shift_clip(x, fold: int, direction: str, unfed: int = 0):
     return torch.cat([ahead, back, x[:, :, 2 * fold:]], 2)
 
 
-def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None):
+def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None, probes=None):
     """Outputs of ticks 0..T-1 after a reset, computed node by node on whole time series.
 
     With `stages`, only the nodes of those stages run, reading and writing `env` (node ->
     (value, clock)); the output comes back only from the group holding the last stage (else
-    None). Model-parallel BPTT runs a clip so, one stage group after another.
+    None). Model-parallel BPTT runs a clip so, one stage group after another. `probes`, a dict
+    keyed by node names, gets those nodes' values at every tick, `[B, T, ...]` (held between
+    firings), with the output (distillation's activation terms read them).
     """
     if plan.feedback:
         raise ValueError("a network with feedback= is recurrent: its clip runs tick by tick (VideoNet.forward, "
@@ -405,6 +407,10 @@ def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None):
             else:
                 env[v] = (_call(root, v, args, kwargs), clock)
         elif v.op == "output":
+            for name in probes or ():
+                y = retime(plan.node(name), 0, (1, 0))
+                probes[name] = y.view(B, T, *y.shape[1:])
+
             def leaf(u, v=v):
                 if info(u).get("kind") == "tuple":  # ticks every frame (clocks pass)
                     return tree_map_only(torch.Tensor, lambda y: y.view(B, T, *y.shape[1:]), env[u][0])

@@ -75,10 +75,12 @@ def _fires(plan, v, t):
     return info(v).get("kind") in ("value", "constant") or t % plan.period_of[v.name] == plan.phase_of[v.name]
 
 
-def run(net, frames):
-    """Outputs of ticks 0..T-1 for `frames` (a list of [B, C, H, W]) after a reset."""
+def run(net, frames, history=None):
+    """Outputs of ticks 0..T-1 for `frames` (a list of [B, C, H, W]) after a reset.
+
+    `history`, a dict if given, gets every node's values, a list with one per tick."""
     plan, root = net.plan, net
-    history = {}  # node name -> list of its values, one per tick
+    history = {} if history is None else history  # node name -> list of its values, one per tick
     memory = {}   # shift node name -> its input at its previous firing
     fed = _Fed(plan)
     outputs = []
@@ -141,17 +143,19 @@ def _stage_of_params(net):
     return owner
 
 
-def sideways(net, frames, loss_fns):
+def sideways(net, frames, loss_fns, local=None):
     """Sideways pseudo-gradients of semantics §8, node by node, straight from the text.
 
-    `loss_fns[t]` is None (tick not in W) or `output -> ℓ_t`. Every firing node computes on
+    `loss_fns[t]` is None (tick not in W) or `output -> ℓ_t`. `local[t]`, if given, maps node
+    names to `value -> term`: loss terms on those nodes at `t` where they fire (rule 3: they seed
+    their own stage's VJP of that tick, and reach it, rule 5). Every firing node computes on
     its inputs: values of the same tick through delay-0 edges (the stage's own graph), and
     leaves for delayed reads, held values and shift memories, whose gradients are routed by
     the rules: a delayed read's gradient reaches the producer `delay` ticks later (rule 2),
     a held value's and a non-firing node's arrivals wait for its next firing (rule 4), a
     shift memory's gradient seeds the memory's channels of the shift's input value one tick
-    later (rule 2). Returns per tick {parameter name: gradient}, the losses, and per stage
-    the first tick a gradient reached it (rule 5).
+    later (rule 2). Returns per tick {parameter name: gradient}, the losses (with the local
+    terms), and per stage the first tick a gradient reached it (rule 5).
     """
     plan, root = net.plan, net
     params = dict(net.named_parameters())
@@ -236,11 +240,18 @@ def sideways(net, frames, loss_fns):
             roots.append(edge[name][:, :fold])
             seeds.append(g)
         loss = loss_fns[t](output) if loss_fns[t] is not None else None
-        losses.append(None if loss is None else loss.detach())
         if loss is not None:
             reach(plan.parallel - 1, t)
             roots.append(loss)
             seeds.append(torch.ones_like(loss))
+        for name, term in (local[t] if local is not None and local[t] else {}).items():
+            if name in fires:
+                reach(plan.stage_of[name], t)
+                value = term(now[name])
+                roots.append(value)
+                seeds.append(torch.ones_like(value))
+                loss = value if loss is None else loss + value
+        losses.append(None if loss is None else loss.detach())
         pairs = [(r, s) for r, s in zip(roots, seeds) if r.requires_grad]
         grads = {}
         if pairs:
