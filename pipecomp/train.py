@@ -166,8 +166,8 @@ def _keeping(step: StageStep, root, i: int, forward: fx.GraphModule, nodes) -> f
     missing = fires - {n.name for n in forward.graph.nodes}
     if not missing:
         return forward
-    gm = fx.GraphModule(root, stage_graph(plan, root, step.stage, step.fires[i], taps=True, filling=step.filling[i]),
-                        f"Stage{step.stage}TrainTick")
+    graph = stage_graph(plan, root, step.stage, step.fires[i], taps=True, filling=step.filling[i])
+    gm = fx.GraphModule(root, graph, f"Stage{step.stage}TrainTick")
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.name in missing or n.is_impure())
     gm.recompile()
     return gm

@@ -24,8 +24,9 @@ WEIGHT = 0.7
 
 
 def clocked():
-    """A chain whose stage 1 holds full-resolution nodes (period 1) read by a period-2 node: at odd
-    ticks `_3` fires, but nobody reads it, so the tick function drops it; it still has a term."""
+    """A chain that, compiled with cuts=["_2", "_6"] and halving clocks, has full-resolution nodes
+    (period 1) in stage 1 read only by a period-2 node: at odd ticks `_3` fires, but nobody reads
+    it, so the tick function drops it; it still has a term."""
     model = chain()
     model.insert(6, nn.Conv2d(4, 4, 3, padding=1))
     return model
