@@ -49,8 +49,12 @@ def firing(plan: Plan, nodes, tick: int) -> frozenset:
                      and tick % plan.period_of[n.name] == plan.phase_of[n.name])
 
 
-def stage_graph(plan: Plan, root, stage: int, fires: frozenset, taps: bool = False) -> fx.Graph:
+def stage_graph(plan: Plan, root, stage: int, fires: frozenset, taps: bool = False,
+                filling: frozenset = frozenset()) -> fx.Graph:
     """The tick function of `stage` when exactly the nodes in `fires` fire.
+
+    The online shift nodes in `filling` fire without recording: no frame has reached their
+    input yet, so their memory stays zero (semantics §6).
 
     With `taps`, it also returns, per online shift memory of the stage, the memory's channels
     of the value the shift node reads at this tick, fired or not: where training seeds the
@@ -128,8 +132,11 @@ def stage_graph(plan: Plan, root, stage: int, fires: frozenset, taps: bool = Fal
             both = g.call_function(shift_online, (arg(v.args[0], v), read(memory), info(v)["fold"]))
             local[v] = g.call_function(operator.getitem, (both, 0))
             local[v]._rename(v.name)
-            new_state[memory] = g.call_function(operator.getitem, (both, 1))
-            new_state[memory]._rename(f"new_{memory}")
+            if v.name in filling:
+                new_state[memory] = read(memory)
+            else:
+                new_state[memory] = g.call_function(operator.getitem, (both, 1))
+                new_state[memory]._rename(f"new_{memory}")
             continue
         inplace = _is_inplace(root, v)
 
@@ -160,16 +167,32 @@ class StageStep:
     of a tick, `reads` / `writes` the state keys it reads and writes over all its variants,
     `reads_frame` whether it needs the frame. Training tick functions (`training_variants`)
     are the same code with the shift-memory taps of `stage_graph`.
+
+    Ticks repeat every `hyperperiod` (`variant_of_tick`) once the stage's shift memories all
+    record; before that, while the pipeline fills, `warmup[t]` is the variant of tick `t`: a
+    shift that fires before a frame reaches its input leaves its memory zero (semantics §6).
+    Variant `i` runs when the nodes `fires[i]` fire, the shifts `filling[i]` among them
+    without recording.
     """
 
     def __init__(self, plan: Plan, root, stage: int):
         nodes = [n for n in plan.nodes_of_stage(stage) if n.op in COMPUTE_OPS]
         self.stage, self._plan, self._root = stage, plan, root
         self.hyperperiod = math.lcm(1, *(plan.period_of[n.name] for n in nodes))
-        keys = [firing(plan, nodes, t) for t in range(self.hyperperiod)]
-        self._fires = list(dict.fromkeys(keys))
-        self.variant_of_tick = [self._fires.index(k) for k in keys]
-        self.variants = [self._generate(k, False) for k in self._fires]
+        records = {n.name: plan.shift_records_from[n.name] for n in nodes if n.name in plan.shift_records_from}
+
+        def key(t):
+            fires = firing(plan, nodes, t)
+            return fires, frozenset(n for n, first in records.items() if n in fires and t < first)
+        periodic = [(firing(plan, nodes, t), frozenset()) for t in range(self.hyperperiod)]
+        filling = [key(t) for t in range(max(records.values(), default=0))]
+        while filling and filling[-1] == periodic[(len(filling) - 1) % self.hyperperiod]:
+            filling.pop()  # ticks whose filling shifts do not fire run the periodic variant anyway
+        keys = list(dict.fromkeys(periodic + filling))
+        self.fires, self.filling = [f for f, _ in keys], [s for _, s in keys]
+        self.variant_of_tick = [keys.index(k) for k in periodic]
+        self.warmup = [keys.index(k) for k in filling]
+        self.variants = [self._generate(i, False) for i in range(len(keys))]
         self.reads, self.writes, self.reads_frame = set(), set(), False
         for gm in self.variants:
             frame, state = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -178,8 +201,9 @@ class StageStep:
             self.writes |= set(next(n for n in gm.graph.nodes if n.op == "output").args[0][1])
         self._training = None
 
-    def _generate(self, fires, taps) -> fx.GraphModule:
-        gm = fx.GraphModule(self._root, stage_graph(self._plan, self._root, self.stage, fires, taps),
+    def _generate(self, i, taps) -> fx.GraphModule:
+        graph = stage_graph(self._plan, self._root, self.stage, self.fires[i], taps, self.filling[i])
+        gm = fx.GraphModule(self._root, graph,
                             f"Stage{self.stage}{'Train' if taps else ''}Tick")
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -187,6 +211,8 @@ class StageStep:
 
     def index(self, tick: int) -> int:
         """Which variant runs at `tick` (counted since the reset)."""
+        if tick < len(self.warmup):
+            return self.warmup[tick]
         return self.variant_of_tick[tick % self.hyperperiod]
 
     def variant(self, tick: int) -> fx.GraphModule:
@@ -196,7 +222,7 @@ class StageStep:
     def training_variants(self) -> list:
         """Per variant, the tick function that also returns the shift-memory taps (made on first use)."""
         if self._training is None:
-            self._training = [self._generate(k, True) for k in self._fires]
+            self._training = [self._generate(i, True) for i in range(len(self.variants))]
         return self._training
 
     def __call__(self, tick: int, frame, state):
@@ -211,7 +237,17 @@ class StageStep:
     def when(self, i: int) -> str:
         """The ticks variant `i` runs at, in words."""
         ticks = [t for t, v in enumerate(self.variant_of_tick) if v == i]
-        return "every tick" if len(ticks) == self.hyperperiod else f"ticks t with t % {self.hyperperiod} in {ticks}"
+        filling = [t for t, v in enumerate(self.warmup) if v == i]
+        parts = []
+        if ticks:
+            every = "every tick" if len(ticks) == self.hyperperiod else \
+                f"ticks t with t % {self.hyperperiod} in {ticks}"
+            parts.append(f"{every} from tick {len(self.warmup)} on" if self.warmup else every)
+        if filling:
+            runs = len(filling) > 1 and filling == list(range(filling[0], filling[-1] + 1))
+            named = f"{filling[0]}-{filling[-1]}" if runs else ", ".join(map(str, filling))
+            parts.append(f"tick{'s' if len(filling) > 1 else ''} {named} (the pipeline filling)")
+        return " and ".join(parts)
 
 
 def lower_steps(plan: Plan, root) -> list:
@@ -223,10 +259,10 @@ def lower_steps(plan: Plan, root) -> list:
 def tick_flops(plan: Plan, stages) -> list:
     """FLOPs per frame that each stage computes at each tick of the hyperperiod: `[stage][tick]`.
 
-    That is what the generated tick functions contain: nodes that fire and whose value is
-    used in the stage, by the output or through a register. A firing nobody reads is dead
-    code and costs nothing. Without tick functions (offline shift: clips only) it is every
-    firing node.
+    That is what the generated tick functions contain once the pipeline has filled: nodes
+    that fire and whose value is used in the stage, by the output or through a register. A
+    firing nobody reads is dead code and costs nothing. Without tick functions (offline shift:
+    clips only) it is every firing node.
     """
     batch = plan.example_shape[0]
     costs = []
@@ -234,7 +270,8 @@ def tick_flops(plan: Plan, stages) -> list:
         if stages:
             per_variant = [sum(info(n).get("flops", 0) for n in gm.graph.nodes if n.op in COMPUTE_OPS) / batch
                            for gm in stages[s].variants]
-            costs.append([per_variant[stages[s].index(t)] for t in range(plan.hyperperiod)])
+            costs.append([per_variant[stages[s].variant_of_tick[t % stages[s].hyperperiod]]
+                          for t in range(plan.hyperperiod)])
         else:
             nodes = [n for n in plan.nodes_of_stage(s) if n.op in COMPUTE_OPS]
             costs.append([sum(info(n)["flops"] / batch for n in nodes if n.name in fires)
@@ -271,10 +308,14 @@ def _call(root, v: fx.Node, args, kwargs):
     return getattr(args[0], v.target)(*args[1:], **kwargs)
 
 
-def _shift_clip(x, fold: int, direction: str):
-    """TSM's shift on a series [B, n, C, ...] of one node's firings."""
+def _shift_clip(x, fold: int, direction: str, unfed: int = 0):
+    """TSM's shift on a series [B, n, C, ...] of one node's firings; an online shift's memory
+    does not record its first `unfed` firings (no frame had reached its input, semantics §6)."""
     zero = x.new_zeros((x.shape[0], 1, fold, *x.shape[3:]))
-    back = torch.cat([zero, x[:, :-1, :fold]], 1)
+    recorded = x[:, :-1, :fold]
+    if unfed:
+        recorded = torch.cat([torch.zeros_like(recorded[:, :unfed]), recorded[:, unfed:]], 1)
+    back = torch.cat([zero, recorded], 1)
     if direction == "online":
         return torch.cat([back, x[:, :, fold:]], 2)
     ahead = torch.cat([x[:, 1:, :fold], zero], 1)
@@ -360,7 +401,8 @@ def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None, probes
                 env[v] = (torch.zeros(shape, dtype=info(v)["dtype"], device=clip.device), clock)
             elif is_shift(v):
                 x = args[0]
-                y = _shift_clip(x.view(B, n, *x.shape[1:]), info(v)["fold"], info(v)["direction"])
+                unfed = len(range(clock[1], min(T, plan.shift_records_from.get(v.name, 0)), clock[0]))
+                y = _shift_clip(x.view(B, n, *x.shape[1:]), info(v)["fold"], info(v)["direction"], unfed)
                 env[v] = (y.flatten(0, 1), clock)
             else:
                 env[v] = (_call(root, v, args, kwargs), clock)

@@ -28,6 +28,9 @@ class Plan:
     phase_of: dict = field(default_factory=dict)
     phases: str = "zero"
     shift_nodes: tuple = ()
+    #: per online shift node, the first tick (since reset) at which its memory records its input:
+    #: its first firing whose input depends on a frame; before it the memory stays zero (semantics §6)
+    shift_records_from: dict = field(default_factory=dict)
     #: nodes of the added connections (semantics §9), in the order their passes made them;
     #: each has ``node.meta["pipecomp"]["added"]``: "skip", "temporal" or "feedback", and ``["clock"]``:
     #: ``(u, lag)``, it ticks on `u`'s period `lag` ticks after `u` (so that it adds nothing to
@@ -126,6 +129,11 @@ class Plan:
             f"clock speed-up: {self.clock_speedup:.2f}x (hyperperiod {self.hyperperiod}"
             + (", phases aligned)" if self.phases == "align" else ")"),
         ]
+        if any(self.shift_records_from.values()):
+            starts = [max((t for n, t in self.shift_records_from.items() if self.stage_of[n] == s), default=None)
+                      for s in range(self.parallel)]
+            out.append("shift memories stay zero until a frame reaches them; per stage, all record from tick: "
+                       + ", ".join("-" if t is None else str(t) for t in starts))
         out += [f"kept whole: {name}: {why}" for name, why in self.kept_whole.items()]
         for kind, (nodes, params, flops) in self.added_costs().items():
             out.append(f"added {kind} connections: {nodes} nodes, {_si(params)} params, {_si(flops)} FLOPs/frame "

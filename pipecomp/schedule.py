@@ -156,7 +156,9 @@ def _profile(net, devices, threads, prepare):
             return [[_time(fn, frame, state, sync) for fn in (run.fast or run.eager)] for run in runs]
 
     seconds = _in_thread(measure, threads) if not cuda else measure()
-    costs = [[seconds[s][stage.index(t)] for t in range(plan.hyperperiod)] for s, stage in enumerate(net._stages)]
+    # The cost of the pipeline once filled: the periodic variants (warm-up ones cost the same).
+    costs = [[seconds[s][stage.variant_of_tick[t % stage.hyperperiod]] for t in range(plan.hyperperiod)]
+             for s, stage in enumerate(net._stages)]
     return costs, prepare if all(run.fast is not None for run in runs) else None
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-import itertools
 import math
 import numbers
 import operator
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_map, tree_map_only
 
 from .analysis import COMPUTE_OPS, info
-from .lower import StageStep, firing, run_clip, stage_graph, zero_state
+from .lower import StageStep, run_clip, stage_graph, zero_state
 from .passes.shift import is_shift
 from .videonet import VideoNet
 
@@ -163,14 +162,12 @@ def _keeping(step: StageStep, root, i: int, forward: fx.GraphModule, nodes) -> f
     if not nodes:
         return forward
     plan = root.plan
-    tick = next(t for t in itertools.count() if step.index(t) == i)  # a tick variant `i` runs at
-    missing = firing(plan, [plan.node(n) for n in nodes], tick) - {n.name for n in forward.graph.nodes}
+    fires = frozenset(nodes) & step.fires[i]
+    missing = fires - {n.name for n in forward.graph.nodes}
     if not missing:
         return forward
-    mine = [n for n in plan.nodes_of_stage(step.stage) if n.op in COMPUTE_OPS]
-    everything = firing(plan, mine, tick)
-    gm = fx.GraphModule(root, stage_graph(plan, root, step.stage, everything, taps=True),
-                        f"Stage{step.stage}TrainTick")
+    graph = stage_graph(plan, root, step.stage, step.fires[i], taps=True, filling=step.filling[i])
+    gm = fx.GraphModule(root, graph, f"Stage{step.stage}TrainTick")
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.name in missing or n.is_impure())
     gm.recompile()
     return gm

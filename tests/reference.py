@@ -2,7 +2,8 @@
 
 It reads only the plan (graph, stages' delays, clocks, shift nodes) and runs every node
 itself; nothing of pipecomp's lowering is used, so the generated code is checked against
-the contract, not against itself.
+the contract, not against itself. Beside every value it tracks whether the value depends on
+a frame, so that a shift memory records only inputs that do (§6).
 """
 import functools
 
@@ -34,6 +35,46 @@ def _back_edge(plan, v):
     return None
 
 
+class _Fed:
+    """Which values depend on a frame, tick by tick (semantics §6): the frame does; a computed
+    value does when a tensor input it read does (feedback's reader when its source's value of
+    tick t−d did); a held value keeps its flag; zero registers, shape values and constants do not."""
+
+    def __init__(self, plan):
+        self.plan, self.history, self.now = plan, {}, {}
+
+    def read(self, u, v, t):
+        if u.op == "get_attr" or info(u).get("kind") in ("value", "constant"):
+            return False
+        d = self.plan.delay_of[(u.name, v.name)] if info(u).get("kind") == "tensor" else 0
+        return self.now[u.name] if d == 0 else t - d >= 0 and self.history[u.name][t - d]
+
+    def tick(self, t):
+        """The flags of tick `t`."""
+        self.now = {}
+        for v in self.plan.graph.nodes:
+            if v.op in ("get_attr", "output"):
+                continue
+            if v.op == "placeholder":
+                self.now[v.name] = True
+            elif _fires(self.plan, v, t) and _back_edge(self.plan, v):
+                source, d = _back_edge(self.plan, v)
+                self.now[v.name] = t - d >= 0 and self.history[source][t - d]
+            elif _fires(self.plan, v, t):
+                self.now[v.name] = any(self.read(u, v, t) for u in v.all_input_nodes)
+            else:
+                self.now[v.name] = t > 0 and self.history[v.name][t - 1]
+            self.history.setdefault(v.name, []).append(self.now[v.name])
+
+    def records(self, shift, t):
+        """Does the memory of `shift`, firing at `t`, record its input?"""
+        return self.read(shift.args[0], shift, t)
+
+
+def _fires(plan, v, t):
+    return info(v).get("kind") in ("value", "constant") or t % plan.period_of[v.name] == plan.phase_of[v.name]
+
+
 def run(net, frames, history=None):
     """Outputs of ticks 0..T-1 for `frames` (a list of [B, C, H, W]) after a reset.
 
@@ -41,9 +82,11 @@ def run(net, frames, history=None):
     plan, root = net.plan, net
     history = {} if history is None else history  # node name -> list of its values, one per tick
     memory = {}   # shift node name -> its input at its previous firing
+    fed = _Fed(plan)
     outputs = []
     for t, x in enumerate(frames):
         now = {}
+        fed.tick(t)
         for v in plan.graph.nodes:
             def read(u, v=v):
                 if u.op == "get_attr":
@@ -60,7 +103,7 @@ def run(net, frames, history=None):
                 continue
             elif v.op == "output":
                 outputs.append(fx.map_arg(v.args[0], read))
-            elif info(v).get("kind") in ("value", "constant") or t % plan.period_of[v.name] == plan.phase_of[v.name]:
+            elif _fires(plan, v, t):
                 args, kwargs = fx.map_arg((v.args, v.kwargs), read)
                 if _back_edge(plan, v):
                     source, d = _back_edge(plan, v)
@@ -69,7 +112,8 @@ def run(net, frames, history=None):
                     inp, fold = args[0], info(v)["fold"]
                     prev = memory.get(v.name, torch.zeros_like(inp))
                     now[v.name] = torch.cat([prev[:, :fold], inp[:, fold:]], 1)
-                    memory[v.name] = inp
+                    if fed.records(v, t):
+                        memory[v.name] = inp
                 else:
                     now[v.name] = _run(root, v, args, kwargs)
             elif info(v).get("kind") == "tuple":
@@ -117,6 +161,7 @@ def sideways(net, frames, loss_fns, local=None):
     params = dict(net.named_parameters())
     owner = _stage_of_params(net)
     history, memory, kept = {}, {}, {}
+    fed = _Fed(plan)
     arrive = {}  # tick -> {node name: [gradients]}
     taps = {}  # tick -> {shift name: gradient for the memory's channels of its input value}
     first = [None] * plan.parallel
@@ -128,6 +173,7 @@ def sideways(net, frames, loss_fns, local=None):
 
     for t, x in enumerate(frames):
         now, leaves, edge = {}, [], {}
+        fed.tick(t)
         for v in plan.graph.nodes:
             def read(u, v=v):
                 if u.op == "get_attr":
@@ -147,7 +193,7 @@ def sideways(net, frames, loss_fns, local=None):
                 continue
             elif v.op == "output":
                 output = fx.map_arg(v.args[0], read)
-            elif info(v).get("kind") in ("value", "constant") or t % plan.period_of[v.name] == plan.phase_of[v.name]:
+            elif _fires(plan, v, t):
                 args, kwargs = fx.map_arg((v.args, v.kwargs), read)
                 if _back_edge(plan, v):  # a delayed read like any other: its gradient reaches the source at t + d
                     source, d = _back_edge(plan, v)
@@ -159,7 +205,9 @@ def sideways(net, frames, loss_fns, local=None):
                     prev = memory.get(v.name, torch.zeros_like(inp)).detach().requires_grad_()
                     leaves.append((prev, ("tap", v.name, t + 1)))
                     now[v.name] = torch.cat([prev[:, :fold], inp[:, fold:]], 1)
-                    memory[v.name], edge[v.name] = inp.detach(), inp
+                    if fed.records(v, t):
+                        memory[v.name] = inp.detach()
+                    edge[v.name] = inp
                 else:
                     now[v.name] = _run(root, v, args, kwargs)
             elif info(v).get("kind") == "tuple":

@@ -92,6 +92,25 @@ def test_aligned_equals_image_model_delayed_by_latency(case, data):
             assert _close(outs[t + net.latency], model(frames[t]))
 
 
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs(), st.integers(2, 5))
+def test_aligned_online_shift_equals_the_one_stage_network_delayed_by_latency(spec, parallel):
+    # Semantics §6: shift memories stay zero while the pipeline fills, so from the first output on.
+    model = RandomNet(spec).eval()
+    options = dict(shift="online", shift_place="inplace", shift_fraction=0.5, example_input=(1, 3, SIZE, SIZE))
+    try:
+        net = pipecomp.compile(model, parallel=parallel, delays="aligned", **options)
+    except ValueError as e:
+        assert "largest possible value" in str(e)
+        net = pipecomp.compile(model, parallel=int(str(e).rsplit(" ", 1)[1]), delays="aligned", **options)
+    one = pipecomp.compile(model, **options)
+    frames = _frames()
+    with torch.no_grad():
+        want = [one.step(x) for x in frames]
+        got = [net.step(x) for x in frames]
+    assert all(_close(g, w) for g, w in zip(got[net.latency:], want))
+
+
 @SETTINGS
 @given(compiled())
 def test_plan_obeys_the_rules(case):

@@ -2,10 +2,10 @@
 
 A manifest (`manifest.json`, schema `manifest.schema.json`) says what a tick is (semantics
 §3) in terms a runner can follow without torch: the state buffers and their zeros, each
-stage's variants and the ticks they run at, the module each variant calls with which
-inputs, and the wires that move values without a call. Its `modules` hold TVM libraries or
-ONNX models (`backend`, and each module's `format`). `manifest_lower.lower` writes it from a
-compiled network.
+stage's variants and the ticks they run at (while the pipeline fills, then periodically),
+the module each variant calls with which inputs, and the wires that move values without a
+call. Its `modules` hold TVM libraries or ONNX models (`backend`, and each module's
+`format`). `manifest_lower.lower` writes it from a compiled network.
 
 This file needs only the standard library: exports copy it, with the schema, next to their
 runner, so that a board runs the program with nothing but its runtime (TVM or ONNX Runtime)
@@ -17,7 +17,9 @@ import json
 import shutil
 from pathlib import Path
 
-FORMAT = "pipecomp/1"
+# pipecomp/2 added each stage's `warmup`: the variants of the ticks while the pipeline fills, in
+# which shift memories stay zero (semantics §6). A pipecomp/1 program cannot say them, so it is refused.
+FORMAT = "pipecomp/2"
 SCHEMA = Path(__file__).with_name("manifest.schema.json")
 
 
@@ -33,13 +35,15 @@ def validate(manifest: dict, folder=None, backend=None) -> None:
 
     Checks the JSON schema (with a small validator so that only the standard library is
     needed), that it is a `backend` program when one is asked for, and what a schema cannot
-    say: every stage's ticks cover its hyperperiod once, every wire names a known buffer,
-    module output or the frame.
+    say: every stage's ticks cover its hyperperiod once, its warm-up names its variants,
+    every wire names a known buffer, module output or the frame.
     """
+    if isinstance(manifest, dict) and manifest.get("format", FORMAT) != FORMAT:
+        raise ValueError(f"manifest format {manifest['format']!r}; this runner reads {FORMAT!r}: export the "
+                         f"program again with this pipecomp (since pipecomp/2 a manifest says the variants of "
+                         f"the ticks while the pipeline fills, when shift memories stay zero)")
     schema = json.loads(SCHEMA.read_text())
     _check(manifest, schema, schema, "manifest")
-    if manifest["format"] != FORMAT:
-        raise ValueError(f"manifest format {manifest['format']!r}; this runner reads {FORMAT!r}")
     if backend is not None and manifest["backend"] != backend:
         raise ValueError(f"this is a {manifest['backend']} program; load it with "
                          f"pipecomp.backends.{manifest['backend']}.load, not the {backend} backend's")
@@ -50,6 +54,9 @@ def validate(manifest: dict, folder=None, backend=None) -> None:
         if ticks != list(range(stage["hyperperiod"])):
             raise ValueError(f"stage {s}: the ticks of its variants are {ticks}, expected each of "
                              f"0..{stage['hyperperiod'] - 1} once")
+        if any(i >= len(stage["variants"]) for i in stage["warmup"]):
+            raise ValueError(f"stage {s}: its warmup {stage['warmup']} names variants it does not have "
+                             f"({len(stage['variants'])})")
         for i, v in enumerate(stage["variants"]):
             where = f"stage {s} variant {i}"
             n_out = 0
@@ -174,12 +181,19 @@ def resolve(tree, ref):
 
 
 def variant_of_tick(stage) -> list:
-    """`[t mod hyperperiod] -> index of the variant` of one stage of the manifest."""
+    """`[t mod hyperperiod] -> index of the variant` of one stage of the manifest, once it has filled."""
     of = [0] * stage["hyperperiod"]
     for i, v in enumerate(stage["variants"]):
         for t in v["ticks"]:
             of[t] = i
     return of
+
+
+def tick_variants(stage):
+    """`tick -> index of the variant` of one stage of the manifest, the tick counted since the reset:
+    its `warmup` while the pipeline fills (semantics §6), then `variant_of_tick` periodically."""
+    warmup, periodic = stage["warmup"], variant_of_tick(stage)
+    return lambda tick: warmup[tick] if tick < len(warmup) else periodic[tick % len(periodic)]
 
 
 def leaves(x) -> list:

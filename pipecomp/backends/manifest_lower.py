@@ -15,8 +15,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..analysis import COMPUTE_OPS
-from ..lower import firing, zero_state
+from ..lower import zero_state
 from ..videonet import VideoNet
 from .manifest import FORMAT, refs
 
@@ -40,12 +39,12 @@ def lower(net: VideoNet, backend: str, extension: str):
     modules, functions, sources, stages, readers = {}, {}, {}, [], {}
     with torch.no_grad():
         for step in net._stages:
-            nodes = [n for n in plan.nodes_of_stage(step.stage) if n.op in COMPUTE_OPS]
             variants = []
             for i, gm in enumerate(step.variants):
                 ticks = [t for t, v in enumerate(step.variant_of_tick) if v == i]
                 flat, variant, example = _split(gm, frame, state)
-                variant = {"ticks": ticks, "fires": sorted(firing(plan, nodes, ticks[0])), **variant}
+                variant = {"ticks": ticks, "fires": sorted(step.fires[i]), "filling": sorted(step.filling[i]),
+                           **variant}
                 if flat is not None:
                     # Identical tick functions (same code on the same shapes) share one module.
                     key = (flat.code, tuple(tuple(a.shape) for a in example))
@@ -61,7 +60,8 @@ def lower(net: VideoNet, backend: str, extension: str):
                 for b in [*variant["inputs"], *(w["state"] for w in wires if w and "state" in w)]:
                     readers.setdefault(b, set()).add(step.stage)
                 variants.append(variant)
-            stages.append({"stage": step.stage, "hyperperiod": step.hyperperiod, "variants": variants})
+            stages.append({"stage": step.stage, "hyperperiod": step.hyperperiod, "warmup": step.warmup,
+                           "variants": variants})
         structure = _structure(net._stages[-1].variants[0](frame, state)[0])
     manifest = {
         "format": FORMAT,

@@ -6,11 +6,12 @@ that it runs where torch is not installed: `export` copies this file as `run.py`
 
     python3 FOLDER/run.py FOLDER --frames clip.npy --out outputs.npz
 
-runs the program (`python -m pipecomp.backends.onnx_run FOLDER` does the same where
-pipecomp is installed). A tick is semantics §3: every stage calls the model of its variant
-for `t mod hyperperiod` on the frame and the previous tick's state, the written buffers
-together are the next state, and the last stage gives the output. Stages of one tick are
-independent (*Massively Parallel Video Networks* sec. 3), so each runs on a thread of its own.
+runs the program (`python -m pipecomp.backends.onnx_run FOLDER` does the same where pipecomp
+is installed). A tick is semantics §3: every stage calls the model of its variant for tick
+`t` (its warm-up variant while the pipeline fills, then that of `t mod hyperperiod`) on the
+frame and the previous tick's state, the written buffers together are the next state, and
+the last stage gives the output. Stages of one tick are independent (*Massively Parallel
+Video Networks* sec. 3), so each runs on a thread of its own.
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from .manifest import leaves, resolve, validate, variant_of_tick
+    from .manifest import leaves, resolve, tick_variants, validate
 except ImportError:  # run as FOLDER/run.py on a board: export put manifest.py beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from manifest import leaves, resolve, validate, variant_of_tick
+    from manifest import leaves, resolve, tick_variants, validate
 
 ENGINES = ("onnxruntime", "openvino")
 
@@ -62,7 +63,7 @@ class Program:
         if engine == "openvino":
             self.workers = 1  # two Python threads in OpenVINO's infer() at once deadlocked here, in its input copy
         self.threads = max(1, cores // self.workers)  # per model call
-        self._of_tick = [variant_of_tick(s) for s in stages]
+        self._of_tick = [tick_variants(s) for s in stages]
         make = _onnxruntime(Path(folder), self.threads, providers) if engine == "onnxruntime" else \
             _openvino(Path(folder), self.threads)
         self._models = {name: make(module) for name, module in manifest["modules"].items()}
@@ -123,7 +124,7 @@ class Program:
         return results[-1][1]
 
     def _stage(self, s, t, frame, state):
-        variant = self.manifest["stages"][s]["variants"][self._of_tick[s][t % len(self._of_tick[s])]]
+        variant = self.manifest["stages"][s]["variants"][self._of_tick[s](t)]
         outputs = ()
         if variant["module"] is not None:
             outputs = [_frozen(o) for o in self._models[variant["module"]](

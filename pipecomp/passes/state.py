@@ -4,8 +4,9 @@ A tensor node `u` keeps registers ``u_d1 .. u_dD`` with its values of the last `
 where `D` is the largest delay on its out-edges, and at least 1 when `u` ticks slower than
 every frame and some reader may need its value on a tick when it does not fire (its held
 value is ``u_d1``). An online shift node also keeps ``s_mem``, the
-first `fold` channels of its input at its previous firing. Registers belong to the stage
-of the node that writes them.
+first `fold` channels of its input at its previous firing, recorded only from the first
+firing at which that input depends on a frame (semantics §6: while the pipeline fills, the
+memory stays zero). Registers belong to the stage of the node that writes them.
 """
 from __future__ import annotations
 
@@ -43,6 +44,27 @@ def _fires_within(plan: Plan, reader: fx.Node, node: fx.Node) -> bool:
     return plan.period_of[reader.name] % p == 0 and plan.phase_of[reader.name] % p == ph
 
 
+def _first_fed(plan: Plan) -> dict:
+    """Per node that carries frames, the first tick at which its value depends on a frame.
+
+    The frame does from tick 0; a node from its first firing at which one of its tensor
+    inputs, read with its delay, does, and it keeps that (a held value holds it). The same
+    reasoning as `pipecomp.timeline`, in closed form: such ticks only grow along a path.
+    Feedback's reader (§9) has no inputs and is left out: it is only added to a value that a
+    frame reaches first along the main path.
+    """
+    first = {}
+    for v in plan.graph.nodes:
+        if v.op == "placeholder":
+            first[v.name] = 0
+        elif v.op in COMPUTE_OPS and info(v).get("kind") in ("tensor", "tuple"):
+            fed = [first[u.name] + plan.delay_of[(u.name, v.name)] for u in v.all_input_nodes if u.name in first]
+            if fed:
+                p, ph = plan.period_of[v.name], plan.phase_of[v.name]
+                first[v.name] = min(fed) + (ph - min(fed)) % p
+    return first
+
+
 def allocate_state(plan: Plan) -> Plan:
     depth = {}
     for (u, v), d in plan.delay_of.items():
@@ -64,4 +86,6 @@ def allocate_state(plan: Plan) -> Plan:
     for n in plan.graph.nodes:
         if is_shift(n) and plan.shift == "online":
             state_bytes[plan.stage_of[n.name]] += info(n)["bytes"] * info(n)["fold"] // info(n)["shape"][1]
-    return plan.replace(registers=depth, stage_state_bytes=tuple(state_bytes))
+    first = _first_fed(plan)
+    records = {n: first[n] for n in plan.shift_nodes} if plan.shift == "online" else {}
+    return plan.replace(registers=depth, stage_state_bytes=tuple(state_bytes), shift_records_from=records)

@@ -142,7 +142,7 @@ def test_manifest_follows_the_shared_schema_and_says_what_the_plan_says(exported
     assert {m["format"] for m in manifest["modules"].values()} == {"onnx"}
     assert "arch" not in manifest and "tvm_version" not in manifest
     for stage, step in zip(manifest["stages"], net._stages):
-        assert manifests.variant_of_tick(stage) == step.variant_of_tick
+        assert manifests.variant_of_tick(stage) == step.variant_of_tick and stage["warmup"] == step.warmup
     for name, module in manifest["modules"].items():
         onnx.checker.check_model(str(folder / module["file"]))  # with its external data
         model = onnx.load(folder / module["file"], load_external_data=False)
@@ -159,6 +159,25 @@ def test_manifest_follows_the_shared_schema_and_says_what_the_plan_says(exported
     next(iter(bad["modules"].values()))["format"] = "tvm"
     with pytest.raises(ValueError, match="must be 'onnx'"):
         manifests.validate(bad)
+    old = json.loads(json.dumps(manifest))  # as exported before manifests said the warm-up ticks
+    old["format"] = "pipecomp/1"
+    for stage in old["stages"]:
+        del stage["warmup"]
+    with pytest.raises(ValueError, match="'pipecomp/1'; this runner reads 'pipecomp/2': export the program again"):
+        manifests.validate(old)
+
+
+def test_a_filling_pipeline_runs_its_warm_up_variants(tmp_path):
+    """Semantics §6: while an aligned pipeline fills, its shift memories stay zero, as in `step`."""
+    net = tiny_resnet(parallel=4, delays="aligned", clocks=None)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.bias.data.uniform_(-1, 1)  # zero registers then give non-zero values, which memories must not keep
+    assert any(step.filling[i] for step in net._stages for i in step.warmup)
+    xs = frames(net, net.latency + 2, seed=5)
+    with backend.load(backend.export(net, tmp_path / "program")) as program:
+        assert [s["warmup"] for s in program.manifest["stages"]] == [step.warmup for step in net._stages]
+        assert_close(program.run(xs), reference(net, xs))
 
 
 def test_variants_of_a_stage_share_its_weights_file(exported, request):

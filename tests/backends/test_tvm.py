@@ -151,7 +151,7 @@ def test_manifest_says_what_the_plan_says(built):
         for i, v in enumerate(stage["variants"]):
             for t in v["ticks"]:
                 of_tick[t] = i
-        assert of_tick == step.variant_of_tick
+        assert of_tick == step.variant_of_tick and stage["warmup"] == step.warmup
     for name, clock in manifest["clocks"].items():
         assert (clock["period"], clock["phase"], clock["stage"]) == (
             plan.period_of[name], plan.phase_of[name], plan.stage_of[name])
@@ -253,8 +253,23 @@ def test_validate_names_what_is_wrong(built, tmp_path):
         run.validate(broken(lambda m: m["stages"][0]["variants"][0]["ticks"].append(0)))
     with pytest.raises(ValueError, match="not a state buffer"):
         run.validate(broken(lambda m: m["stages"][0]["variants"][0]["writes"].update(nowhere={"state": "x"})))
+    with pytest.raises(ValueError, match="warmup .* names variants it does not have"):
+        run.validate(broken(lambda m: m["stages"][0].update(warmup=[99])))
     with pytest.raises(ValueError, match="is missing from"):
         run.validate(good, tmp_path)
+
+
+def test_a_filling_pipeline_runs_its_warm_up_variants():
+    """Semantics §6: while an aligned pipeline fills, its shift memories stay zero, as in `step`."""
+    net = tiny_resnet(parallel=4, delays="aligned", clocks=None)
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.bias.data.uniform_(-1, 1)  # zero registers then give non-zero values, which memories must not keep
+    assert any(step.filling[i] for step in net._stages for i in step.warmup)
+    xs = frames(net, net.latency + 2, seed=5)
+    with backend.build(net, "host", workers=2) as program:
+        assert [s["warmup"] for s in program.manifest["stages"]] == [step.warmup for step in net._stages]
+        assert_close(program.run(xs), reference(net, xs))
 
 
 # -- errors a person can act on -----------------------------------------------------------------

@@ -6,12 +6,12 @@ and on the board
 
     python3 FOLDER/run.py FOLDER --frames clip.npy --out outputs.npy
 
-runs the exported program (`python -m pipecomp.backends.tvm.run FOLDER` does the same
-where pipecomp is installed). A tick is semantics §3: every stage calls the module of its
-variant for `t mod hyperperiod` on the frame and the previous tick's state, the written
-buffers together are the next state, and the last stage gives the output. Stages of one
-tick are independent (*Massively Parallel Video Networks* sec. 3), so each may run on a
-thread of its own.
+runs the exported program (`python -m pipecomp.backends.tvm.run FOLDER` does the same where
+pipecomp is installed). A tick is semantics §3: every stage calls the module of its variant
+for tick `t` (its warm-up variant while the pipeline fills, then that of `t mod
+hyperperiod`) on the frame and the previous tick's state, the written buffers together are
+the next state, and the last stage gives the output. Stages of one tick are independent
+(*Massively Parallel Video Networks* sec. 3), so each may run on a thread of its own.
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 
 try:
-    from ..manifest import copy_beside, leaves, resolve, validate, variant_of_tick
+    from ..manifest import copy_beside, leaves, resolve, tick_variants, validate
 except ImportError:  # run as FOLDER/run.py on a board: export put manifest.py beside this file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from manifest import copy_beside, leaves, resolve, validate, variant_of_tick
+    from manifest import copy_beside, leaves, resolve, tick_variants, validate
 
 try:
     import tvm
@@ -66,7 +66,7 @@ class Program:
         self.workers = max(1, min(len(stages), cores) if workers is None else min(workers, len(stages)))
         if session is not None:
             self.workers = 1  # an RPC session carries one call at a time
-        self._of_tick = [variant_of_tick(s) for s in stages]
+        self._of_tick = [tick_variants(s) for s in stages]
         self._vms = None
         self._pool = None
         self._lock = threading.Lock()
@@ -129,7 +129,7 @@ class Program:
         return results[-1][1]
 
     def _stage(self, s, vms, t, frame, state):
-        variant = self.manifest["stages"][s]["variants"][self._of_tick[s][t % len(self._of_tick[s])]]
+        variant = self.manifest["stages"][s]["variants"][self._of_tick[s](t)]
         outputs = ()
         if variant["module"] is not None:
             vm = vms[s, variant["module"]]
