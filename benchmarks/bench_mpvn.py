@@ -19,14 +19,14 @@ what the sequential image model would have said.
     last three stage boundaries; one at parallel 2), BPTT, λ = 0.01 (the activation terms, sums
     of squares over a frame's values per channel, are about 100× the KL);
   - outputs + temporal filters (`temporal=2` on every spatial convolution), and + skips
-    (`skips=2`, 3 stages and more), BPTT;
+    (`skips=2`, 3 stages and more), Sideways (BPTT through them did not fit in memory);
   - p = 2 (sec. 4.5): rewired and outputs (BPTT), with the output of tick t compared with (and
     trained towards) the teacher on frame t − 2;
   - clocks (`clocks="halve"`): rewired and outputs (BPTT).
   At parallel 1 the network is the teacher, so only the rows whose targets or network differ
-  (p = 2, clocks) train there. The first three training recipes run 2 seeds (the offsets of the
-  training windows), the others one; every network starts from the same weights (added
-  connections start at zero, §9). The training clip is scored too, apart from the mean.
+  (p = 2, clocks) train there. Training rows run seeds 0 and 1 (the offsets of the training
+  windows; `--seed` runs some, keeping the others' rows); every network starts from the same
+  weights (added connections start at zero, §9). The training clip is scored too, apart.
 
 Run: `python benchmarks/bench_mpvn.py` (about an hour on 2 idle cores; `--quick` for a smoke run
 written to --out); writes results/mpvn.json, .md and mpvn.png, the README table between its
@@ -161,11 +161,14 @@ def activation_nodes(net, m=3):
 
 RECIPES = {
     "rewired": {"train": False},
-    "outputs, BPTT": {"train": True, "rule": "bptt", "seeds": 2},
-    "outputs, Sideways": {"train": True, "rule": "sideways", "seeds": 2},
-    "outputs + activations, BPTT": {"train": True, "rule": "bptt", "activations": True, "seeds": 2},
-    "outputs + temporal filters, BPTT": {"train": True, "rule": "bptt", "temporal": True},
-    "outputs + temporal filters + skips, BPTT": {"train": True, "rule": "bptt", "temporal": True, "skips": True},
+    "outputs, BPTT": {"train": True, "rule": "bptt"},
+    "outputs, Sideways": {"train": True, "rule": "sideways"},
+    "outputs + activations, BPTT": {"train": True, "rule": "bptt", "activations": True},
+    # Sideways: BPTT through the temporal filters of every depthwise convolution held 15 GB at
+    # parallel 2 (killed), where Sideways keeps one tick's activations.
+    "outputs + temporal filters, Sideways": {"train": True, "rule": "sideways", "temporal": True},
+    "outputs + temporal filters + skips, Sideways": {"train": True, "rule": "sideways", "temporal": True,
+                                                     "skips": True},
     "rewired, p = 2": {"train": False, "p": 2},
     "outputs, BPTT, p = 2": {"train": True, "rule": "bptt", "p": 2},
     "rewired, clocks": {"train": False, "clocks": True},
@@ -186,7 +189,7 @@ def rows_to_run(recipes, parallels):
             yield name, parallel
 
 
-def run(cfg, recipes, parallels, keep):
+def run(cfg, recipes, parallels, keep, seeds=(0, 1)):
     teacher = models.efficientnet_lite0()
     frames = models.normalize(footage.decode(TRAIN_CLIP, cfg["train_frames"], SIZE))
     # scored apart: the training clip's first eval_frames frames
@@ -197,7 +200,9 @@ def run(cfg, recipes, parallels, keep):
     data = {"config": cfg, "load_before": load(), "rows": []}
     for name, parallel in rows_to_run(recipes, parallels):
         recipe = RECIPES[name]
-        for seed in range(recipe.get("seeds", 1) if recipe["train"] else 1):
+        for seed in (seeds if recipe["train"] else [0]):
+            if not recipe["train"] and 0 not in seeds:
+                continue
             torch.manual_seed(seed)
             net = compiled(teacher, parallel, recipe)
             row = {"recipe": name, "parallel": parallel, "seed": seed, "latency": net.latency}
@@ -278,6 +283,8 @@ def main(argv=None):
     parser.add_argument("--out", type=pathlib.Path, help="folder for the --quick run's files (default: a temporary one)")
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument("--parallel", nargs="+", type=int, default=list(PARALLEL))
+    parser.add_argument("--seed", type=int, action="append",
+                        help="train only these seeds (default: 0 and 1); rows of other seeds in the results file stay")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -288,11 +295,11 @@ def main(argv=None):
         out = args.out or pathlib.Path(tempfile.mkdtemp())
         out.mkdir(parents=True, exist_ok=True)
 
-    def keep(data):  # with the rows of the recipes this run does not train (runs may go side by side)
+    def keep(data):  # with the rows this run does not make (runs may go side by side)
         path = out / "mpvn.json"
         old = json.loads(path.read_text()) if path.exists() else {}
-        mine = set(rows_to_run(args.recipes, args.parallel))
-        data = {**data, "rows": [r for r in old.get("rows", []) if (r["recipe"], r["parallel"]) not in mine]
+        mine = {(r["recipe"], r["parallel"], r["seed"]) for r in data["rows"]}
+        data = {**data, "rows": [r for r in old.get("rows", []) if (r["recipe"], r["parallel"], r["seed"]) not in mine]
                 + data["rows"],
                 "load_before": old.get("load_before", data["load_before"])}
         if args.quick:
@@ -300,7 +307,7 @@ def main(argv=None):
         else:
             _results.save("mpvn", data, table(data))
         plot(data, out / "mpvn.png")
-    run(cfg, args.recipes, args.parallel, keep)
+    run(cfg, args.recipes, args.parallel, keep, args.seed or (0, 1))
 
 
 if __name__ == "__main__":

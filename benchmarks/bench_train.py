@@ -92,8 +92,8 @@ ABLATION = "sideways-without-memory-gradient"
 
 
 class _WithoutMemoryGradient(train._Sideways):
-    def step(self, frame, loss_fn):
-        result = super().step(frame, loss_fn)
+    def step(self, *args, **kwargs):
+        result = super().step(*args, **kwargs)
         self.grads = {k: g for k, g in self.grads.items() if not k.endswith("_gmem")}
         return result
 

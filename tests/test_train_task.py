@@ -116,7 +116,9 @@ def test_bench_train_quick_run(tmp_path):
     assert set(rows) == {key for key, _ in bench_train.SPEED_ROWS}
     assert all(r["fps"] > 0 for r in rows.values())
     rules = {(r["model"], r["rule"], r["delays"]) for r in data["convergence"]["rows"]}
+    ablation = bench_train.ABLATION
     assert rules == {("simple-cnn", "bptt", "aligned"), ("simple-cnn", "sideways", "aligned"),
+                     ("simple-cnn", ablation, "aligned"), ("resnet", ablation, "aligned"),
                      ("resnet", "bptt", "aligned"), ("resnet", "sideways", "aligned"),
                      ("resnet", "bptt", "diagonal"), ("resnet", "sideways", "diagonal")}
     assert all(0 <= r["held_out_accuracy"] <= 1 for r in data["convergence"]["rows"])
