@@ -28,7 +28,7 @@ what the sequential image model would have said.
   windows; `--seed` runs some, keeping the others' rows); every network starts from the same
   weights (added connections start at zero, §9). The training clip is scored too, apart.
 
-Run: `python benchmarks/bench_mpvn.py` (about an hour on 2 idle cores; `--quick` for a smoke run
+Run: `python benchmarks/bench_mpvn.py` (about an hour on 2 cores; `--quick` for a smoke run
 written to --out); writes results/mpvn.json, .md and mpvn.png, the README table between its
 markers.
 """
