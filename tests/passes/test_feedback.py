@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 import pipecomp
 from pipecomp import train
 from tests import reference
-from tests.passes.test_temporal import clip, stream
+from tests.passes.test_temporal import assert_stream_equals, clip, stream
 from tests.test_properties import compiled as graphs
 from tests.test_train import chain
 
@@ -233,14 +233,7 @@ def test_sideways_through_the_feedback_equals_the_reference(d, options):
     fns = [(lambda o, t=t: F.cross_entropy(o, y[:, t])) if t >= first else None for t in range(9)]
     ticks, _, _, _ = reference.sideways(net, list(x.unbind(1)), fns)
     assert any("feedback.conv.weight" in g for g in ticks)
-    with train.Stream(net, F.cross_entropy) as s:
-        for t in range(9):
-            net.zero_grad(set_to_none=True)
-            s.step(x[:, t], y[:, t])
-            got = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
-            assert all(not g.any() for n, g in got.items() if n not in ticks[t])
-            for n, g in ticks[t].items():
-                torch.testing.assert_close(got[n], g, atol=1e-6, rtol=1e-4)
+    assert_stream_equals(net, x, y, ticks)
 
 
 def test_sideways_on_threads_equals_one_thread():

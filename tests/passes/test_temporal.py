@@ -24,6 +24,18 @@ def stream(net, x):
         return torch.stack([net.step(x[:, t]) for t in range(x.shape[1])], 1)
 
 
+def assert_stream_equals(net, x, y, ticks):
+    """`train.Stream` tick by tick gives the reference's per-tick Sideways gradients `ticks`."""
+    with train.Stream(net, F.cross_entropy) as s:
+        for t in range(x.shape[1]):
+            net.zero_grad(set_to_none=True)
+            s.step(x[:, t], y[:, t])
+            got = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+            assert all(not g.any() for n, g in got.items() if n not in ticks[t])
+            for n, g in ticks[t].items():
+                torch.testing.assert_close(got[n], g, atol=1e-6, rtol=1e-4)
+
+
 def added_params(net):
     return {n: p for n, p in net.named_parameters() if n.startswith(("temporal.", "skips."))}
 
@@ -175,14 +187,7 @@ def test_sideways_through_the_taps_equals_the_reference():
     W = set(range(first, 8))
     fns = [(lambda o, t=t: F.cross_entropy(o, y[:, t])) if t in W else None for t in range(8)]
     ticks, _, _, _ = reference.sideways(net, list(x.unbind(1)), fns)
-    with train.Stream(net, F.cross_entropy) as s:
-        for t in range(8):
-            net.zero_grad(set_to_none=True)
-            s.step(x[:, t], y[:, t])
-            got = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
-            assert all(not g.any() for n, g in got.items() if n not in ticks[t])
-            for n, g in ticks[t].items():
-                torch.testing.assert_close(got[n], g, atol=1e-6, rtol=1e-4)
+    assert_stream_equals(net, x, y, ticks)
 
 
 def test_bad_values_are_refused_with_the_fix():
