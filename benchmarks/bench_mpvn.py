@@ -35,7 +35,6 @@ markers.
 import argparse
 import copy
 import json
-import math
 import os
 import pathlib
 import statistics

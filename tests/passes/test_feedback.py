@@ -13,7 +13,7 @@ from torch.utils._pytree import tree_leaves
 import pipecomp
 from pipecomp import train
 from tests import reference
-from tests.passes.test_temporal import assert_stream_equals, clip, stream
+from tests.passes.test_temporal import assert_stream_equals, clip, steps, stream
 from tests.test_properties import compiled as graphs
 from tests.test_train import chain
 
@@ -325,17 +325,11 @@ def nets():
     return plain, fresh, tuned, [torch.randn(2, 3, SIZE, SIZE) for _ in range(7)]
 
 
-def _steps(net, xs):
-    net.reset()
-    with torch.no_grad():
-        return [net.step(x) for x in xs]
-
-
 @pytest.mark.parametrize("prepare", [None, "freeze"])
 def test_threads_run_the_feedback(nets, prepare):
     from pipecomp.backends.threaded import Runtime
     plain, fresh, tuned, xs = nets
-    for net, want in ((fresh, _steps(plain, xs)), (tuned, _steps(tuned, xs))):
+    for net, want in ((fresh, steps(plain, xs)), (tuned, steps(tuned, xs))):
         with Runtime(net, 3, prepare=prepare) as rt:
             got = [rt.step(x) for x in xs]
         for g, w in zip(got, want):
@@ -346,7 +340,7 @@ def test_processes_run_the_feedback(nets):
     from pipecomp.backends import distributed
     _, _, tuned, xs = nets
     got = distributed.launch(tuned, xs, nprocs=2, timeout=120)
-    for g, w in zip(got, _steps(tuned, xs)):
+    for g, w in zip(got, steps(tuned, xs)):
         torch.testing.assert_close(g, w)
 
 
@@ -355,7 +349,7 @@ def test_tvm_runs_the_feedback(nets):
     pytest.importorskip("tvm")
     from pipecomp.backends import tvm as backend
     _, _, tuned, xs = nets
-    want = _steps(tuned, xs)
+    want = steps(tuned, xs)
     with backend.build(tuned, "host", workers=1) as program:
         program.reset()
         got = [torch.from_numpy(program.step(x.numpy())) for x in xs]

@@ -12,7 +12,7 @@ import pipecomp
 from pipecomp import train
 from tests import reference
 from tests.test_properties import compiled as graphs
-from tests.passes.test_temporal import added_params, assert_stream_equals, clip, randomise_added, stream
+from tests.passes.test_temporal import added_params, assert_stream_equals, clip, randomise_added, steps, stream
 from tests.test_train import chain
 
 SIZE = 8
@@ -206,17 +206,11 @@ def _both(**options):
     return plain, fresh, tuned, [torch.randn(2, 3, SIZE, SIZE) for _ in range(7)]
 
 
-def _steps(net, xs):
-    net.reset()
-    with torch.no_grad():
-        return [net.step(x) for x in xs]
-
-
 @pytest.mark.parametrize("prepare", [None, "freeze"])
 def test_threads_run_the_added_connections(prepare):
     from pipecomp.backends.threaded import Runtime
     plain, fresh, tuned, xs = _both()
-    for net, want in ((fresh, _steps(plain, xs)), (tuned, _steps(tuned, xs))):
+    for net, want in ((fresh, steps(plain, xs)), (tuned, steps(tuned, xs))):
         with Runtime(net, 2, prepare=prepare) as rt:
             got = [rt.step(x) for x in xs]
         for g, w in zip(got, want):
@@ -226,7 +220,7 @@ def test_threads_run_the_added_connections(prepare):
 def test_processes_run_the_added_connections():
     from pipecomp.backends import distributed
     plain, fresh, tuned, xs = _both(shift="online", shift_place="inplace")
-    for net, want in ((fresh, _steps(plain, xs)), (tuned, _steps(tuned, xs))):
+    for net, want in ((fresh, steps(plain, xs)), (tuned, steps(tuned, xs))):
         got = distributed.launch(net, xs, nprocs=2, timeout=120)
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w)
@@ -237,7 +231,7 @@ def test_tvm_runs_the_added_connections():
     pytest.importorskip("tvm")
     from pipecomp.backends import tvm as backend
     _, _, tuned, xs = _both()
-    want = _steps(tuned, xs)
+    want = steps(tuned, xs)
     with backend.build(tuned, "host", workers=1) as program:
         program.reset()
         got = [torch.from_numpy(program.step(x.numpy())) for x in xs]

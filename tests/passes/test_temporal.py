@@ -24,6 +24,13 @@ def stream(net, x):
         return torch.stack([net.step(x[:, t]) for t in range(x.shape[1])], 1)
 
 
+def steps(net, xs):
+    """`step` over a list of frames after a reset."""
+    net.reset()
+    with torch.no_grad():
+        return [net.step(x) for x in xs]
+
+
 def assert_stream_equals(net, x, y, ticks):
     """`train.Stream` tick by tick gives the reference's per-tick Sideways gradients `ticks`."""
     with train.Stream(net, F.cross_entropy) as s:
