@@ -120,3 +120,12 @@ def test_threaded_runtime_follows_the_warm_up(model):
         again = torch.stack(list(rt.run(list(frames.unbind(1)))), 1)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(again, want)
+
+
+def test_processes_follow_the_warm_up(model):
+    from pipecomp.backends import distributed
+    net = compiled(model, parallel=4, delays="aligned")
+    assert fills(net)
+    frames = clip(3)
+    got = torch.stack(distributed.launch(net, list(frames.unbind(1)), nprocs=2, timeout=120), 1)
+    torch.testing.assert_close(got, steps(net, frames), rtol=1e-5, atol=1e-6)
