@@ -474,13 +474,19 @@ def speed_table(s):
                                f"{s['load_after']} after._")
 
 
+def row_key(r):
+    return r["model"], r["rule"], r["delays"], r["stride"], r["seed"]
+
+
 def convergence_table(c):
     cfg = c["config"]
     lines = [f"| motion task ({cfg['size']} px, T = {cfg['frames']}, {cfg['directions']} directions, "
              f"{cfg['epochs']} epochs of {cfg['clips_per_epoch']} new clips) | stride | held-out accuracy per seed | mean |",
              "|---|---|---|---|"]
     groups = {}
-    for r in c["rows"]:
+    order = {rule_delays: i for i, rule_delays in enumerate(ROWS)}
+    for r in sorted(c["rows"], key=lambda r: (r["stride"], sorted(train_task.MODELS).index(r["model"]),
+                                              order[r["rule"], r["delays"]], r["seed"])):
         groups.setdefault((r["model"], r["rule"], r["delays"], r["stride"]), []).append(r)
     for (model, rule, delays, stride), rows in groups.items():
         name = {"bptt": "BPTT", "sideways": "Sideways" if delays == "aligned" else "Skip-Sideways",
@@ -533,10 +539,11 @@ def main(argv=None):
         memory(args.quick, lambda data: write("memory", data))
     if "speed" in sections:
         write("speed", speed(args.quick, 4 if args.quick else args.frames, 1 if args.quick else args.rounds))
-    def keep_convergence(data):  # with the rows of the networks this run does not train
+    def keep_convergence(data):  # with the earlier rows of the same task that this run does not train again
         old = json.loads(path.read_text()).get("convergence", {}) if path.exists() else {}
-        write("convergence", {**data, "rows": [r for r in old.get("rows", []) if r["model"] not in args.models]
-                              + data["rows"]})
+        rows = old.get("rows", []) if old.get("config") == data["config"] else []
+        new = {row_key(r) for r in data["rows"]}
+        write("convergence", {**data, "rows": [r for r in rows if row_key(r) not in new] + data["rows"]})
     if "convergence" in sections:
         convergence(args.quick, range(1 if args.quick else args.seeds), args.strides, args.models, keep_convergence)
 
