@@ -498,11 +498,20 @@ def convergence_table(c):
                                f"per episode; load average {c['load_before']} before, {c['load_after']} after._")
 
 
+def speed_runs(speed):
+    """The speed section's runs by clip length (a file from before there were several holds one)."""
+    if not speed:
+        return {}
+    return {str(speed["frames"]): speed} if "rows" in speed else speed
+
+
 def table(d):
     parts = [f"_{d['machine']}._"]
-    for key, fn in (("memory", memory_table), ("speed", speed_table), ("convergence", convergence_table)):
-        if key in d:
-            parts.append(fn(d[key]))
+    if "memory" in d:
+        parts.append(memory_table(d["memory"]))
+    parts += [speed_table(s) for _, s in sorted(speed_runs(d.get("speed")).items(), key=lambda kv: int(kv[0]))]
+    if "convergence" in d:
+        parts.append(convergence_table(d["convergence"]))
     return "\n\n".join(parts)
 
 
@@ -512,7 +521,8 @@ def main(argv=None):
                         help="run only this section (repeatable; default: all three)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run, written to --out")
     parser.add_argument("--out", type=pathlib.Path, help="folder for the --quick run's train.json (default: a temporary one)")
-    parser.add_argument("--frames", type=int, default=8, help="speed: frames per episode (default 8)")
+    parser.add_argument("--frames", type=int, default=8,
+                        help="speed: frames per episode (default 8; each length's run is kept)")
     parser.add_argument("--rounds", type=int, default=3, help="speed: timed episodes per row (default 3)")
     parser.add_argument("--seeds", type=int, default=2, help="convergence: seeds per row (default 2)")
     parser.add_argument("--strides", type=int, nargs="+", default=[1], help="convergence: temporal strides (default 1)")
@@ -537,8 +547,10 @@ def main(argv=None):
             save("train", data, table(data))
     if "memory" in sections:
         memory(args.quick, lambda data: write("memory", data))
-    if "speed" in sections:
-        write("speed", speed(args.quick, 4 if args.quick else args.frames, 1 if args.quick else args.rounds))
+    if "speed" in sections:  # one run per clip length, kept side by side
+        frames = 4 if args.quick else args.frames
+        runs = speed_runs(json.loads(path.read_text()).get("speed") if path.exists() else None)
+        write("speed", {**runs, str(frames): speed(args.quick, frames, 1 if args.quick else args.rounds)})
     def keep_convergence(data):  # with the earlier rows of the same task that this run does not train again
         old = json.loads(path.read_text()).get("convergence", {}) if path.exists() else {}
         rows = old.get("rows", []) if old.get("config") == data["config"] else []

@@ -112,7 +112,7 @@ def test_bench_train_quick_run(tmp_path):
     assert points["bptt", 4]["fits"] and points["bptt", 4]["peak_mib"] > 0
     assert points["bptt", 8]["fits"] is False  # capped far below what it needs: recorded, not fatal
     assert points["sideways", 4]["fits"] and points["sideways", 4]["peak_mib"] > 0
-    rows = data["speed"]["rows"]["2"]
+    rows = data["speed"]["4"]["rows"]["2"]  # the run of 4-frame episodes, batch 2
     assert set(rows) == {key for key, _ in bench_train.SPEED_ROWS}
     assert all(r["fps"] > 0 for r in rows.values())
     rules = {(r["model"], r["rule"], r["delays"]) for r in data["convergence"]["rows"]}
