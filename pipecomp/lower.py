@@ -359,6 +359,9 @@ def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None, probes
         return picked.flatten(0, 1)
 
     derived = {}
+    # On the whole clip, a node's series goes once its last reader has run: a long clip holds
+    # the series that are still to be read, not every node's (autograd keeps what it saves).
+    done_after = _last_readers(plan) if stages is None else {}
 
     def derived_value(u, clock):
         # A size or constant for a reader of `clock`: a size such as x.shape[0] counts that
@@ -406,6 +409,9 @@ def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None, probes
                 env[v] = (y.flatten(0, 1), clock)
             else:
                 env[v] = (_call(root, v, args, kwargs), clock)
+            for u in done_after.get(v, ()):
+                if u.name not in (probes or ()):
+                    del env[u]
         elif v.op == "output":
             for name in probes or ():
                 y = retime(plan.node(name), 0, (1, 0))
@@ -421,6 +427,31 @@ def run_clip(plan: Plan, root, clip: torch.Tensor, env=None, stages=None, probes
                 y = retime(u, plan.delay_of[(u.name, v.name)], (1, 0))
                 return y.view(B, T, *y.shape[1:])
             return fx.map_arg(v.args[0], leaf)
+
+
+def _last_readers(plan: Plan) -> dict:
+    """compute node -> the tensor nodes whose last reader it is. A size or constant computed
+    again for each reader (`_RECOMPUTED`) reads its sources where its readers run; the output
+    (and the probes it returns) keeps what it reads."""
+    order = {v: i for i, v in enumerate(plan.graph.nodes)}
+    last = {}
+
+    def read(u, at):
+        last[u] = max(last.get(u, at), at)
+        if u.op in COMPUTE_OPS and info(u).get("kind") in _RECOMPUTED:
+            for w in u.all_input_nodes:
+                read(w, at)
+    for v in plan.graph.nodes:
+        for u in v.all_input_nodes:
+            read(u, order[v])
+    nodes = list(plan.graph.nodes)
+    done_after = {}
+    for u, at in last.items():
+        reader = nodes[at]
+        if (reader.op in COMPUTE_OPS and info(reader).get("kind") not in _RECOMPUTED
+                and u.op in (*COMPUTE_OPS, "placeholder") and info(u).get("kind") not in _RECOMPUTED):
+            done_after.setdefault(reader, []).append(u)
+    return done_after
 
 
 def run_ticks(plan: Plan, stages, clip: torch.Tensor):

@@ -74,3 +74,26 @@ def test_shape_values_do_not_split_a_stage_into_identical_tick_functions():
         for t, (x, w) in enumerate(zip(frames, want)):
             for g, v in zip(net.step(x), w):
                 torch.testing.assert_close(g, v, msg=f"tick {t}")
+
+
+def test_a_clip_holds_the_series_still_to_be_read_not_every_nodes():
+    """`net(clip)` frees a node's time series once its last reader has run: with no autograd,
+    a chain of 8 convolutions holds at most a few of their outputs at once, not all 8."""
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()) for _ in range(8)]).eval()
+    net = pipecomp.compile(model, parallel=4, example_input=(1, 4, 8, 8)).eval()
+    alive, most = [], [0]
+
+    def hook(module, args, out):
+        alive.append(weakref.ref(out))
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+    for block in model:
+        block[0].register_forward_hook(hook)
+    clip = torch.randn(2, 6, 4, 8, 8)
+    with torch.no_grad():
+        out = net(clip)
+    assert len(alive) == 8 and most[0] <= 3, f"{most[0]} of the 8 convolutions' series alive at once"
+    expected = torch.stack([net.step(clip[:, t]) for t in range(6)], 1)  # the streaming ticks
+    torch.testing.assert_close(out, expected)
