@@ -389,11 +389,12 @@ ROWS = (("bptt", "aligned"), ("sideways", "aligned"), (ABLATION, "aligned"), ("b
         ("sideways", "diagonal"))
 
 
-def convergence(quick, seeds, strides, models, keep):
-    """The rows seed by seed, so that a run cut short has whole seeds; `keep(data)` after each row."""
-    cfg = dict(CONVERGENCE)
+def convergence(quick, seeds, strides, models, keep, epochs=None):
+    """The rows seed by seed, so that a run cut short has whole seeds; `keep(data)` after each row.
+    `epochs` (default the config's) trains longer or shorter: the rows say how many."""
+    cfg = dict(CONVERGENCE, epochs=epochs or CONVERGENCE["epochs"])
     if quick:
-        cfg.update(clips_per_epoch=16, held_out_clips=8, epochs=1, batch=4)
+        cfg.update(clips_per_epoch=16, held_out_clips=8, epochs=epochs or 1, batch=4)
     data = {"config": cfg, "load_before": load(), "rows": []}
     task = dict(frames=cfg["frames"], size=cfg["size"], directions=cfg["directions"])
     for stride in strides:
@@ -410,7 +411,7 @@ def convergence(quick, seeds, strides, models, keep):
                         continue  # the same network as the aligned one
                     result = fit(rule, video_net(model_name, delays, cfg, seed), epochs, held_out, cfg, seed)
                     data["rows"].append(dict(model=model_name, rule=rule, delays=delays, stride=stride, seed=seed,
-                                             **result))
+                                             epochs=cfg["epochs"], **result))
                     print({k: v for k, v in data["rows"][-1].items() if not k.endswith("epoch")}, flush=True)
                     data["load_after"] = load()
                     keep(data)
@@ -474,25 +475,31 @@ def speed_table(s):
                                f"{s['load_after']} after._")
 
 
-def row_key(r):
-    return r["model"], r["rule"], r["delays"], r["stride"], r["seed"]
+def row_key(r, epochs=CONVERGENCE["epochs"]):
+    return r["model"], r["rule"], r["delays"], r["stride"], r.get("epochs", epochs), r["seed"]
+
+
+def same_task(a, b):
+    """Two convergence configs that differ at most in the number of epochs."""
+    return {k: v for k, v in a.items() if k != "epochs"} == {k: v for k, v in b.items() if k != "epochs"}
 
 
 def convergence_table(c):
     cfg = c["config"]
     lines = [f"| motion task ({cfg['size']} px, T = {cfg['frames']}, {cfg['directions']} directions, "
-             f"{cfg['epochs']} epochs of {cfg['clips_per_epoch']} new clips) | stride | held-out accuracy per seed | mean |",
-             "|---|---|---|---|"]
+             f"{cfg['clips_per_epoch']} new clips per epoch) | stride | epochs | held-out accuracy per seed | mean |",
+             "|---|---|---|---|---|"]
     groups = {}
     order = {rule_delays: i for i, rule_delays in enumerate(ROWS)}
-    for r in sorted(c["rows"], key=lambda r: (r["stride"], sorted(train_task.MODELS).index(r["model"]),
+    for r in sorted(c["rows"], key=lambda r: (r["stride"], r.get("epochs", CONVERGENCE["epochs"]),
+                                              list(train_task.MODELS).index(r["model"]),
                                               order[r["rule"], r["delays"]], r["seed"])):
-        groups.setdefault((r["model"], r["rule"], r["delays"], r["stride"]), []).append(r)
-    for (model, rule, delays, stride), rows in groups.items():
+        groups.setdefault(row_key(r)[:-1], []).append(r)
+    for (model, rule, delays, stride, epochs), rows in groups.items():
         name = {"bptt": "BPTT", "sideways": "Sideways" if delays == "aligned" else "Skip-Sideways",
                 ABLATION: "Sideways, shift-memory gradient dropped (ablation outside §8)"}[rule]
         accs = [r["held_out_accuracy"] for r in rows]
-        lines.append(f"| {model}, {name} ({delays}) | {stride} | {', '.join(f'{a:.2f}' for a in accs)} | "
+        lines.append(f"| {model}, {name} ({delays}) | {stride} | {epochs} | {', '.join(f'{a:.2f}' for a in accs)} | "
                      f"{statistics.fmean(accs):.2f} |")
     return "\n".join(lines) + (f"\n\n_chance is {1 / cfg['directions']:.2f}; Adam, lr {cfg['lr']}, {cfg['batch']} clips "
                                f"per episode; load average {c['load_before']} before, {c['load_after']} after._")
@@ -526,6 +533,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="speed: timed episodes per row (default 3)")
     parser.add_argument("--seeds", type=int, default=2, help="convergence: seeds per row (default 2)")
     parser.add_argument("--strides", type=int, nargs="+", default=[1], help="convergence: temporal strides (default 1)")
+    parser.add_argument("--epochs", type=int, help=f"convergence: epochs per row (default {CONVERGENCE['epochs']}; "
+                        "each count's rows are kept)")
     parser.add_argument("--models", nargs="+", choices=sorted(train_task.MODELS), default=list(train_task.MODELS),
                         help="convergence: networks (default both)")
     parser.add_argument("--memory-point", nargs=6, help=argparse.SUPPRESS)
@@ -553,11 +562,14 @@ def main(argv=None):
         write("speed", {**runs, str(frames): speed(args.quick, frames, 1 if args.quick else args.rounds)})
     def keep_convergence(data):  # with the earlier rows of the same task that this run does not train again
         old = json.loads(path.read_text()).get("convergence", {}) if path.exists() else {}
-        rows = old.get("rows", []) if old.get("config") == data["config"] else []
+        rows = old.get("rows", []) if same_task(old.get("config", {}), data["config"]) else []
+        epochs = old.get("config", {}).get("epochs", CONVERGENCE["epochs"])
+        rows = [{"epochs": epochs, **r} for r in rows]  # rows from before they said it
         new = {row_key(r) for r in data["rows"]}
         write("convergence", {**data, "rows": [r for r in rows if row_key(r) not in new] + data["rows"]})
     if "convergence" in sections:
-        convergence(args.quick, range(1 if args.quick else args.seeds), args.strides, args.models, keep_convergence)
+        convergence(args.quick, range(1 if args.quick else args.seeds), args.strides, args.models, keep_convergence,
+                    args.epochs)
 
 
 if __name__ == "__main__":
