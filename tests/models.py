@@ -1,8 +1,12 @@
-"""Random DAG image models for property tests: chains, residual adds, dense concats, long skips."""
+"""Image models for the tests: random DAGs for property tests (chains, residual adds, dense
+concats, long skips) and a tiny ResNet that the backends' tests share."""
 import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+import pipecomp
 
 
 class RandomNet(nn.Module):
@@ -60,3 +64,43 @@ def specs(draw, max_layers=8):
             levels.append(levels[a])
         spec.append((op, a, b))
     return spec
+
+
+class TinyResNet(nn.Module):
+    """Three residual blocks at three resolutions: with online shift, shifts on every branch; with
+    clocks="halve", periods 1, 2 and 4. Batch norms with statistics that are not the identity, and
+    with `biases`, non-zero biases too (so that zero inputs give non-zero values)."""
+
+    def __init__(self, biases=False, inplace=True):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=inplace))
+        self.layers = nn.Sequential(
+            BasicBlock(8, 8),
+            BasicBlock(8, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(8, 16, 1, stride=2), nn.BatchNorm2d(16))),
+            BasicBlock(16, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(16, 16, 1, stride=2), nn.BatchNorm2d(16))))
+        self.fc = nn.Linear(16, 5)
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
+                if biases:
+                    m.bias.data.uniform_(-1, 1)
+
+    def forward(self, x):
+        return self.fc(self.layers(self.stem(x)).mean((2, 3)))
+
+
+# A random DAG with every kind of layer, its dict output as a backend must carry it.
+TINY = [("conv", 0, 0), ("down", 1, 1), ("conv", 2, 2), ("add", 3, 2), ("cat", 4, 3), ("down", 5, 5), ("conv", 6, 6)]
+
+
+def tiny_resnet(**options):
+    """TinyResNet compiled for the backends' tests: 3 stages, clocks halved, online shift."""
+    torch.manual_seed(0)
+    options = {"parallel": 3, "clocks": "halve", "shift": "online", **options}
+    return pipecomp.compile(TinyResNet().eval(), example_input=(1, 3, 16, 16), **options).eval()
+
+
+def tiny_dict():
+    torch.manual_seed(0)
+    return pipecomp.compile(RandomNet(TINY, dict_output=True).eval(), parallel=4, clocks="halve",
+                            example_input=(2, 3, 16, 16)).eval()

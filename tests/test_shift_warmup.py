@@ -8,42 +8,21 @@ value by value from the text.
 """
 import pytest
 import torch
-from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 import pipecomp
 from pipecomp.backends.threaded import Runtime
 
 from . import reference
+from .models import TinyResNet
 
 SIZE, T = 16, 8
 
-
-class SmallResNet(nn.Module):
-    """Three residual blocks at three resolutions; batch norms with non-zero biases and statistics,
-    so that zero inputs give non-zero values."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.layers = nn.Sequential(
-            BasicBlock(8, 8),
-            BasicBlock(8, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(8, 16, 1, stride=2), nn.BatchNorm2d(16))),
-            BasicBlock(16, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(16, 16, 1, stride=2), nn.BatchNorm2d(16))))
-        self.fc = nn.Linear(16, 5)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
-                m.weight.data.uniform_(0.5, 2), m.bias.data.uniform_(-1, 1)
-
-    def forward(self, x):
-        return self.fc(self.layers(self.stem(x)).mean((2, 3)))
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return SmallResNet().eval()
+    return TinyResNet(biases=True, inplace=False).eval()
 
 
 def compiled(model, **options):

@@ -18,7 +18,6 @@ import pytest
 import torch
 import torchvision.models as models
 from torch import nn
-from torchvision.models.resnet import BasicBlock
 
 import pipecomp
 
@@ -26,43 +25,13 @@ tvm = pytest.importorskip("tvm")
 from pipecomp.backends import tvm as backend  # noqa: E402
 from pipecomp.backends.tvm import compiler, run  # noqa: E402
 from pipecomp.lower import zero_state  # noqa: E402
-from tests.models import RandomNet  # noqa: E402
+from tests.models import tiny_dict, tiny_resnet  # noqa: E402
 
 RELATIVE = 1e-4
-TINY = [("conv", 0, 0), ("down", 1, 1), ("conv", 2, 2), ("add", 3, 2), ("cat", 4, 3), ("down", 5, 5), ("conv", 6, 6)]
 AARCH64_PYTHON = os.environ.get("PIPECOMP_AARCH64_PYTHON",
                                 str(Path.home() / ".cache/pipecomp/aarch64/python3"))  # tools/aarch64-python.sh
 
 
-class TinyResNet(nn.Module):
-    """Three residual blocks at three resolutions: shifts on every branch, periods 1, 2 and 4."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
-        self.layers = nn.Sequential(
-            BasicBlock(8, 8),
-            BasicBlock(8, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(8, 16, 1, stride=2), nn.BatchNorm2d(16))),
-            BasicBlock(16, 16, stride=2, downsample=nn.Sequential(nn.Conv2d(16, 16, 1, stride=2), nn.BatchNorm2d(16))))
-        self.fc = nn.Linear(16, 5)
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):  # statistics that are not the identity
-                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 2)
-
-    def forward(self, x):
-        return self.fc(self.layers(self.stem(x)).mean((2, 3)))
-
-
-def tiny_resnet(**options):
-    torch.manual_seed(0)
-    options = {"parallel": 3, "clocks": "halve", "shift": "online", **options}
-    return pipecomp.compile(TinyResNet().eval(), example_input=(1, 3, 16, 16), **options).eval()
-
-
-def tiny_dict():
-    torch.manual_seed(0)
-    return pipecomp.compile(RandomNet(TINY, dict_output=True).eval(), parallel=4, clocks="halve",
-                            example_input=(2, 3, 16, 16)).eval()
 
 
 NETS = {"resnet-shift": tiny_resnet, "dict-output": tiny_dict,
