@@ -389,13 +389,17 @@ ROWS = (("bptt", "aligned"), ("sideways", "aligned"), (ABLATION, "aligned"), ("b
         ("sideways", "diagonal"))
 
 
-def convergence(quick, seeds, strides, models, keep, epochs=None):
+def convergence(quick, seeds, strides, models, keep, epochs=None, earlier=None):
     """The rows seed by seed, so that a run cut short has whole seeds; `keep(data)` after each row.
-    `epochs` (default the config's) trains longer or shorter: the rows say how many."""
+    `epochs` (default the config's) trains longer or shorter: the rows say how many. The rows of
+    `earlier` (a convergence section of the results file) on the same task are not trained again."""
     cfg = dict(CONVERGENCE, epochs=epochs or CONVERGENCE["epochs"])
     if quick:
         cfg.update(clips_per_epoch=16, held_out_clips=8, epochs=epochs or 1, batch=4)
     data = {"config": cfg, "load_before": load(), "rows": []}
+    earlier = earlier or {}
+    done = {row_key(r, earlier["config"]["epochs"]) for r in earlier.get("rows", [])
+            if same_task(earlier["config"], cfg)}
     task = dict(frames=cfg["frames"], size=cfg["size"], directions=cfg["directions"])
     for stride in strides:
         # the same clips for every row: epoch e's from seed 1 + e, the held-out ones from seed 0
@@ -409,6 +413,8 @@ def convergence(quick, seeds, strides, models, keep, epochs=None):
                 for rule, delays in ROWS:
                     if same and delays == "diagonal":
                         continue  # the same network as the aligned one
+                    if (model_name, rule, delays, stride, cfg["epochs"], seed) in done:
+                        continue
                     result = fit(rule, video_net(model_name, delays, cfg, seed), epochs, held_out, cfg, seed)
                     data["rows"].append(dict(model=model_name, rule=rule, delays=delays, stride=stride, seed=seed,
                                              epochs=cfg["epochs"], **result))
@@ -535,6 +541,8 @@ def main(argv=None):
     parser.add_argument("--strides", type=int, nargs="+", default=[1], help="convergence: temporal strides (default 1)")
     parser.add_argument("--epochs", type=int, help=f"convergence: epochs per row (default {CONVERGENCE['epochs']}; "
                         "each count's rows are kept)")
+    parser.add_argument("--resume", action="store_true",
+                        help="convergence: leave out the rows the results file already has")
     parser.add_argument("--models", nargs="+", choices=sorted(train_task.MODELS), default=list(train_task.MODELS),
                         help="convergence: networks (default both)")
     parser.add_argument("--memory-point", nargs=6, help=argparse.SUPPRESS)
@@ -568,8 +576,9 @@ def main(argv=None):
         new = {row_key(r) for r in data["rows"]}
         write("convergence", {**data, "rows": [r for r in rows if row_key(r) not in new] + data["rows"]})
     if "convergence" in sections:
+        earlier = json.loads(path.read_text()).get("convergence") if args.resume and path.exists() else None
         convergence(args.quick, range(1 if args.quick else args.seeds), args.strides, args.models, keep_convergence,
-                    args.epochs)
+                    args.epochs, earlier)
 
 
 if __name__ == "__main__":
