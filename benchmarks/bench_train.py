@@ -306,6 +306,25 @@ def with_threads(n, fn):
     return run
 
 
+def balance(quick, rounds=5):
+    """How evenly the speed rows' cut splits the work: forward and backward of each half of
+    resnet18 on one tick's frames, one thread, median of `rounds`; a pipeline of the two halves
+    on 2 workers can reach at most their total over twice the larger."""
+    size, batch = (32, 2) if quick else (112, 8)
+    model, front, back, _, cut = resnet18_halves(size)
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        mid = front(x)
+    def tick(half, inp):
+        def run():
+            out = half(inp.clone().requires_grad_())
+            out.backward(torch.ones_like(out))
+        return with_threads(1, run)
+    seconds = timed([tick(front, x), tick(back, mid)], rounds)
+    return {"model": "resnet18", "size": size, "batch": batch, "cut": cut, "seconds": seconds,
+            "bound": sum(seconds) / (2 * max(seconds)), "load": load()}
+
+
 def speed(quick, frames, rounds):
     size, batches = (32, (2,)) if quick else (112, (2, 8))
     data = {"model": "resnet18", "size": size, "frames": frames, "rounds": rounds, "load_before": load(), "rows": {}}
@@ -523,6 +542,12 @@ def table(d):
     if "memory" in d:
         parts.append(memory_table(d["memory"]))
     parts += [speed_table(s) for _, s in sorted(speed_runs(d.get("speed")).items(), key=lambda kv: int(kv[0]))]
+    if "balance" in d:
+        b = d["balance"]
+        front, back = (x / sum(b["seconds"]) for x in b["seconds"])
+        parts.append(f"_the speed rows' cut (before {b['cut']}): forward and backward of one tick (batch {b['batch']}, "
+                     f"{b['size']} px, one thread) {front:.0%} in the first half, {back:.0%} in the second; a pipeline "
+                     f"of the two on 2 workers can reach at most {b['bound']:.2f} efficiency; load average {b['load']}._")
     if "convergence" in d:
         parts.append(convergence_table(d["convergence"]))
     return "\n\n".join(parts)
@@ -530,7 +555,7 @@ def table(d):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--section", choices=("memory", "speed", "convergence"), action="append",
+    parser.add_argument("--section", choices=("memory", "balance", "speed", "convergence"), action="append",
                         help="run only this section (repeatable; default: all three)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run, written to --out")
     parser.add_argument("--out", type=pathlib.Path, help="folder for the --quick run's train.json (default: a temporary one)")
@@ -551,7 +576,7 @@ def main(argv=None):
         rule, *numbers = args.memory_point
         print(json.dumps(memory_point(rule, *map(int, numbers))))
         return
-    sections = args.section or ["memory", "speed", "convergence"]
+    sections = args.section or ["memory", "balance", "speed", "convergence"]
     path = (args.out or pathlib.Path(tempfile.mkdtemp())) / "train.json" if args.quick else RESULTS / "train.json"
 
     def write(key, value):
@@ -564,6 +589,8 @@ def main(argv=None):
             save("train", data, table(data))
     if "memory" in sections:
         memory(args.quick, lambda data: write("memory", data))
+    if "balance" in sections:
+        write("balance", balance(args.quick))
     if "speed" in sections:  # one run per clip length, kept side by side
         frames = 4 if args.quick else args.frames
         runs = speed_runs(json.loads(path.read_text()).get("speed") if path.exists() else None)

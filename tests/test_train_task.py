@@ -123,3 +123,5 @@ def test_bench_train_quick_run(tmp_path):
                      ("resnet", "bptt", "diagonal"), ("resnet", "sideways", "diagonal")}
     assert all(0 <= r["held_out_accuracy"] <= 1 for r in data["convergence"]["rows"])
     assert "| T = 4, 32 px |" in bench_train.table(data)
+    assert len(data["balance"]["seconds"]) == 2 and all(t > 0 for t in data["balance"]["seconds"])
+    assert f"cut (before {data['balance']['cut']})" in bench_train.table(data)
