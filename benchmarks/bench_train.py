@@ -416,9 +416,7 @@ def convergence(quick, seeds, strides, models, keep, epochs=None, earlier=None):
     if quick:
         cfg.update(clips_per_epoch=16, held_out_clips=8, epochs=epochs or 1, batch=4)
     data = {"config": cfg, "load_before": load(), "rows": []}
-    earlier = earlier or {}
-    done = {row_key(r, earlier["config"]["epochs"]) for r in earlier.get("rows", [])
-            if same_task(earlier["config"], cfg)}
+    done = {row_key(r) for r in rows_of_task(earlier, cfg)}
     task = dict(frames=cfg["frames"], size=cfg["size"], directions=cfg["directions"])
     for stride in strides:
         # the same clips for every row: epoch e's from seed 1 + e, the held-out ones from seed 0
@@ -500,13 +498,16 @@ def speed_table(s):
                                f"{s['load_after']} after._")
 
 
-def row_key(r, epochs=CONVERGENCE["epochs"]):
-    return r["model"], r["rule"], r["delays"], r["stride"], r.get("epochs", epochs), r["seed"]
+def row_key(r):
+    return r["model"], r["rule"], r["delays"], r["stride"], r["epochs"], r["seed"]
 
 
-def same_task(a, b):
-    """Two convergence configs that differ at most in the number of epochs."""
-    return {k: v for k, v in a.items() if k != "epochs"} == {k: v for k, v in b.items() if k != "epochs"}
+def rows_of_task(section, cfg):
+    """The rows of a convergence section (of the results file, or None) trained on the task of
+    `cfg`: the same config up to the number of epochs."""
+    def task(c):
+        return {k: v for k, v in c.items() if k != "epochs"}
+    return section["rows"] if section and task(section["config"]) == task(cfg) else []
 
 
 def convergence_table(c):
@@ -516,7 +517,7 @@ def convergence_table(c):
              "|---|---|---|---|---|"]
     groups = {}
     order = {rule_delays: i for i, rule_delays in enumerate(ROWS)}
-    for r in sorted(c["rows"], key=lambda r: (r["stride"], r.get("epochs", CONVERGENCE["epochs"]),
+    for r in sorted(c["rows"], key=lambda r: (r["stride"], r["epochs"],
                                               list(train_task.MODELS).index(r["model"]),
                                               order[r["rule"], r["delays"]], r["seed"])):
         groups.setdefault(row_key(r)[:-1], []).append(r)
@@ -530,18 +531,11 @@ def convergence_table(c):
                                f"per episode; load average {c['load_before']} before, {c['load_after']} after._")
 
 
-def speed_runs(speed):
-    """The speed section's runs by clip length (a file from before there were several holds one)."""
-    if not speed:
-        return {}
-    return {str(speed["frames"]): speed} if "rows" in speed else speed
-
-
 def table(d):
     parts = [f"_{d['machine']}._"]
     if "memory" in d:
         parts.append(memory_table(d["memory"]))
-    parts += [speed_table(s) for _, s in sorted(speed_runs(d.get("speed")).items(), key=lambda kv: int(kv[0]))]
+    parts += [speed_table(s) for _, s in sorted(d.get("speed", {}).items(), key=lambda kv: int(kv[0]))]
     if "balance" in d:
         b = d["balance"]
         front, back = (x / sum(b["seconds"]) for x in b["seconds"])
@@ -556,7 +550,7 @@ def table(d):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--section", choices=("memory", "balance", "speed", "convergence"), action="append",
-                        help="run only this section (repeatable; default: all three)")
+                        help="run only this section (repeatable; default: all four)")
     parser.add_argument("--quick", action="store_true", help="a small smoke run, written to --out")
     parser.add_argument("--out", type=pathlib.Path, help="folder for the --quick run's train.json (default: a temporary one)")
     parser.add_argument("--frames", type=int, default=8,
@@ -593,13 +587,11 @@ def main(argv=None):
         write("balance", balance(args.quick))
     if "speed" in sections:  # one run per clip length, kept side by side
         frames = 4 if args.quick else args.frames
-        runs = speed_runs(json.loads(path.read_text()).get("speed") if path.exists() else None)
+        runs = json.loads(path.read_text()).get("speed", {}) if path.exists() else {}
         write("speed", {**runs, str(frames): speed(args.quick, frames, 1 if args.quick else args.rounds)})
     def keep_convergence(data):  # with the earlier rows of the same task that this run does not train again
-        old = json.loads(path.read_text()).get("convergence", {}) if path.exists() else {}
-        rows = old.get("rows", []) if same_task(old.get("config", {}), data["config"]) else []
-        epochs = old.get("config", {}).get("epochs", CONVERGENCE["epochs"])
-        rows = [{"epochs": epochs, **r} for r in rows]  # rows from before they said it
+        old = json.loads(path.read_text()).get("convergence") if path.exists() else None
+        rows = rows_of_task(old, data["config"])
         new = {row_key(r) for r in data["rows"]}
         write("convergence", {**data, "rows": [r for r in rows if row_key(r) not in new] + data["rows"]})
     if "convergence" in sections:
